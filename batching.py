@@ -1,0 +1,181 @@
+"""Dynamic batching in front of the model: one model thread, fed from every request thread.
+
+Request threads submit (key, image, prompt) jobs and wait on futures. The model thread takes the oldest
+job's prompt and runs up to `max_batch_size` queued jobs with that prompt in one call, after waiting at most
+`max_wait_s` for a batch to fill. Results go through a post-processing thread (tags, cache writes) so the
+model thread goes straight on to the next batch. Jobs with the same key share one future (single-flight):
+identical images arriving together are captioned once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
+
+from errors import CaptioningError, OverloadedError
+
+if TYPE_CHECKING:
+    from metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+ForwardFn = Callable[[list[Any], "str | None"], list[str]]
+
+
+@dataclass
+class Job:
+    """One image waiting for the model."""
+
+    key: str
+    image: Any
+    prompt: str | None
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[R]):
+    """Queue + model thread + post-processing thread; `submit` is safe to call from any thread."""
+
+    def __init__(self, forward: ForwardFn, postprocess: Callable[[list[Job], list[str]], list[R]], *,
+                 max_batch_size: int = 8, max_wait_s: float = 0.005, max_queue: int = 256,
+                 metrics: "Metrics | None" = None) -> None:
+        self.forward = forward
+        self.postprocess = postprocess
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: deque[Job] = deque()
+        self._inflight: dict[str, Job] = {}  # key -> job, from submit until its result is published
+        self._done: deque[tuple[list[Job], list[str] | BaseException]] = deque()
+        self._cond = threading.Condition()
+        self._done_cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the model and post-processing threads."""
+        for target, name in ((self._model_loop, "model"), (self._post_loop, "postprocess")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish queued work, then stop the threads."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        with self._done_cond:
+            self._done_cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Images submitted and not yet answered."""
+        return len(self._inflight)
+
+    def submit(self, items: Sequence[tuple[str, Any, str | None]]) -> list[Future]:
+        """Queue (key, image, prompt) items; returns one future per item (shared for equal keys).
+
+        Raises OverloadedError, and queues nothing, when the new images would exceed `max_queue`.
+        """
+        futures: list[Future] = []
+        with self._cond:
+            new_keys = {key for key, _, _ in items if key not in self._inflight}
+            if new_keys and len(self._inflight) + len(new_keys) > self.max_queue:
+                raise OverloadedError(
+                    f"{len(self._inflight)} images are already waiting for the model (limit MAX_QUEUE_IMAGES="
+                    f"{self.max_queue}); retry in a few seconds", headers={"Retry-After": "5"})
+            for key, image, prompt in items:
+                job = self._inflight.get(key)
+                if job is None:
+                    job = self._inflight[key] = Job(key, image, prompt)
+                    self._queue.append(job)
+                futures.append(job.future)
+            self._cond.notify_all()
+            self._update_gauge()
+        return futures
+
+    def _model_loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            outcome: list[str] | BaseException
+            started = time.perf_counter()
+            try:
+                outcome = self.forward([job.image for job in batch], batch[0].prompt)
+                if len(outcome) != len(batch):
+                    raise CaptioningError(f"model returned {len(outcome)} captions for {len(batch)} images")
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
+                log.exception("Captioning a batch of %d images failed", len(batch))
+                outcome = exc
+            if self.metrics:
+                self.metrics.batch_size.observe(len(batch))
+                self.metrics.generate_seconds.observe(time.perf_counter() - started)
+            for job in batch:
+                job.image = None  # free the pixels now; the job itself lives until its result is published
+            with self._done_cond:
+                self._done.append((batch, outcome))
+                self._done_cond.notify()
+
+    def _next_batch(self) -> list[Job] | None:
+        """Wait for work, let a batch fill for at most max_wait_s, and take it (one prompt per batch)."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            prompt = self._queue[0].prompt
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while not self._stopping:
+                same = sum(1 for job in self._queue if job.prompt == prompt)
+                remaining = deadline - time.monotonic()
+                if same >= self.max_batch_size or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[Job] = []
+            rest: deque[Job] = deque()
+            for job in self._queue:
+                if job.prompt == prompt and len(batch) < self.max_batch_size:
+                    batch.append(job)
+                else:
+                    rest.append(job)
+            self._queue = rest
+            return batch
+
+    def _post_loop(self) -> None:
+        while True:
+            with self._done_cond:
+                while not self._done:
+                    if self._stopping and not any(t.is_alive() for t in self._threads[:1]):
+                        return
+                    self._done_cond.wait(0.5)
+                batch, outcome = self._done.popleft()
+            if not isinstance(outcome, BaseException):
+                try:
+                    results: list[Any] | BaseException = self.postprocess(batch, outcome)
+                except BaseException as exc:  # noqa: BLE001
+                    log.exception("Post-processing a batch of %d captions failed", len(batch))
+                    results = exc
+            else:
+                results = outcome
+            with self._cond:
+                for index, job in enumerate(batch):
+                    self._inflight.pop(job.key, None)
+                self._update_gauge()
+            for index, job in enumerate(batch):
+                if isinstance(results, BaseException):
+                    job.future.set_exception(results)
+                else:
+                    job.future.set_result(results[index])
+
+    def _update_gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue_images.set(len(self._inflight))

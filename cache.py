@@ -1,0 +1,290 @@
+"""Result cache: Redis in production, an in-process twin with the same interface, and the key function.
+
+Keys are `<CACHE_PREFIX>:v<schema>:<fingerprint>:<sha256 of the image bytes>`. The fingerprint covers
+everything that changes the answer (model, revision, prompt, generation settings, tagger), so switching
+any of them never returns another configuration's caption. Every write sets the TTL.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import redis
+
+    from config import Config
+    from metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # bump when the stored value's shape changes
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short stable hash of everything that changes a caption (order-independent, JSON-canonical)."""
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def cache_key(prefix: str, config_fingerprint: str, image_sha256: str) -> str:
+    """The cache key of one image under one configuration."""
+    return f"{prefix}:v{SCHEMA_VERSION}:{config_fingerprint}:{image_sha256}"
+
+
+class Cache:
+    """Interface of every backend. Values are JSON-able dicts; misses and failures read as None."""
+
+    backend = "off"
+
+    def __init__(self, prefix: str, ttl_seconds: int) -> None:
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The stored value of each key, or None (missing, expired, or the backend is down)."""
+        return [None] * len(keys)
+
+    def set_many(self, items: Mapping[str, dict[str, Any]]) -> None:
+        """Store values with this cache's TTL; a failure is logged, never raised."""
+
+    def clear(self) -> int:
+        """Delete this service's entries (keys under the prefix) and nothing else; returns how many."""
+        return 0
+
+    def available(self) -> bool:
+        """Whether the backend answers right now."""
+        return True
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class NullCache(Cache):
+    """No caching at all (CACHE_BACKEND=off)."""
+
+
+class MemoryCache(Cache):
+    """In-process LRU with TTL: used when no Redis is reachable at start-up, or by choice."""
+
+    backend = "memory"
+
+    def __init__(self, prefix: str, ttl_seconds: int, max_entries: int = 10000) -> None:
+        super().__init__(prefix, ttl_seconds)
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        now = time.monotonic()
+        found: list[dict[str, Any] | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._items.get(key)
+                if entry is None or entry[0] <= now:
+                    self._items.pop(key, None)
+                    found.append(None)
+                else:
+                    self._items.move_to_end(key)
+                    found.append(entry[1])
+        return found
+
+    def set_many(self, items: Mapping[str, dict[str, Any]]) -> None:
+        expires = time.monotonic() + self.ttl_seconds
+        with self._lock:
+            for key, value in items.items():
+                self._items[key] = (expires, value)
+                self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> int:
+        with self._lock:
+            mine = [k for k in self._items if k.startswith(self.prefix + ":")]
+            for key in mine:
+                del self._items[key]
+        return len(mine)
+
+
+class RedisCache(Cache):
+    """Redis-backed cache that fails open: while Redis is down, lookups miss and writes are skipped.
+
+    An outage is logged once when it starts and once when it ends; during it, Redis is retried at most
+    every `retry_interval` seconds so that requests do not each wait for a timeout.
+    """
+
+    backend = "redis"
+
+    def __init__(self, client: "redis.Redis", prefix: str, ttl_seconds: int, *, retry_interval: float = 1.0,
+                 metrics: "Metrics | None" = None, target: str = "redis") -> None:
+        super().__init__(prefix, ttl_seconds)
+        self.client = client
+        self.retry_interval = retry_interval
+        self.metrics = metrics
+        self.target = target
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._state_lock = threading.Lock()
+        self._set_up_gauge(1)
+
+    @classmethod
+    def from_config(cls, config: "Config", metrics: "Metrics | None" = None) -> "RedisCache":
+        """A cache on a client built from REDIS_URL or REDIS_HOST/PORT/DB/PASSWORD, with short timeouts."""
+        return cls(make_redis_client(config), config.cache_prefix, config.cache_ttl_seconds, metrics=metrics,
+                   target=config.redis_target)
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not keys:
+            return []
+        raw = self._guard(lambda: self.client.mget(keys), None)
+        if raw is None:
+            return [None] * len(keys)
+        return [_loads(value) for value in raw]
+
+    def set_many(self, items: Mapping[str, dict[str, Any]]) -> None:
+        if not items:
+            return
+
+        def write() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_seconds)
+            pipe.execute()
+
+        self._guard(write, None)
+
+    def clear(self) -> int:
+        """SCAN + UNLINK over `<prefix>:*` only; never FLUSHDB. Raises if Redis is down (the caller says so)."""
+        import redis
+
+        deleted = 0
+        try:
+            batch: list[str] = []
+            for key in self.client.scan_iter(match=_glob_escape(self.prefix) + ":*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                deleted += self.client.unlink(*batch)
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            raise
+        self._mark_up()
+        return deleted
+
+    def available(self) -> bool:
+        """Ping Redis now (short timeout), whatever the retry schedule says."""
+        import redis
+
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _guard(self, operation: Any, default: Any) -> Any:
+        """Run a Redis operation; on failure mark the outage and return `default`."""
+        import redis
+
+        if self._down_since is not None and time.monotonic() < self._retry_at:
+            return default
+        try:
+            result = operation()
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            return default
+        self._mark_up()
+        return result
+
+    def _mark_down(self, exc: Exception) -> None:
+        with self._state_lock:
+            self._retry_at = time.monotonic() + self.retry_interval
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("Redis at %s is unavailable (%s: %s); serving without the cache until it returns",
+                            self.target, type(exc).__name__, exc)
+        if self.metrics:
+            self.metrics.cache_requests.labels("error").inc()
+        self._set_up_gauge(0)
+
+    def _mark_up(self) -> None:
+        if self._down_since is None:
+            return
+        with self._state_lock:
+            if self._down_since is None:
+                return
+            log.warning("Redis at %s is back after %.1f s; using the cache again", self.target,
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+        self._set_up_gauge(1)
+
+    def _set_up_gauge(self, value: int) -> None:
+        if self.metrics:
+            self.metrics.redis_up.set(value)
+
+
+def make_redis_client(config: "Config") -> "redis.Redis":
+    """A redis-py client with timeouts well under a second and no hidden retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options: dict[str, Any] = dict(socket_timeout=config.redis_timeout_seconds,
+                                   socket_connect_timeout=config.redis_timeout_seconds,
+                                   retry=Retry(NoBackoff(), 0), decode_responses=True,
+                                   client_name="imgcap", health_check_interval=0)
+    if config.redis_url:
+        return redis.Redis.from_url(config.redis_url, **options)
+    return redis.Redis(host=config.redis_host, port=config.redis_port, db=config.redis_db,
+                       password=config.redis_password, **options)
+
+
+def open_cache(config: "Config", metrics: "Metrics | None" = None) -> Cache:
+    """The cache CACHE_BACKEND asks for; `auto` is Redis when it answers at start-up, else in-process."""
+    if config.cache_backend == "off":
+        log.info("Cache: off (CACHE_BACKEND=off)")
+        return NullCache(config.cache_prefix, config.cache_ttl_seconds)
+    if config.cache_backend == "memory":
+        log.info("Cache: in-process memory (CACHE_BACKEND=memory), TTL %d s", config.cache_ttl_seconds)
+        return MemoryCache(config.cache_prefix, config.cache_ttl_seconds, config.memory_cache_max_entries)
+    cache = RedisCache.from_config(config, metrics)
+    if cache.available():
+        log.info("Cache: Redis at %s, prefix %r, TTL %d s", config.redis_target, config.cache_prefix,
+                 config.cache_ttl_seconds)
+        return cache
+    if config.cache_backend == "redis":
+        log.warning("Cache: Redis at %s does not answer yet; serving without the cache until it does",
+                    config.redis_target)
+        return cache
+    cache.close()
+    if metrics:
+        metrics.redis_up.set(0)
+    log.warning("Cache: no Redis reachable at %s; using an in-process memory cache instead "
+                "(results are not shared between processes and are lost on restart)", config.redis_target)
+    return MemoryCache(config.cache_prefix, config.cache_ttl_seconds, config.memory_cache_max_entries)
+
+
+def _loads(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        loaded = json.loads(value)
+    except ValueError:
+        return None  # a damaged entry is a miss; it is overwritten by the fresh answer
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob characters so a prefix matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+

@@ -1,0 +1,296 @@
+"""The Captioner interface and the transformers plumbing every family shares.
+
+A family module supplies only what differs: how a batch of images and a prompt become model inputs
+(`build_inputs`), and which output tokens are the caption (`decode`). Loading, device and dtype placement,
+and the `generate` call live here, once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from urllib.parse import urlsplit
+
+from captioners import FAMILIES, Family, family_of_model_type
+from errors import CaptioningError, ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# The instruction the chat families get when neither the server nor the request gives a prompt (SPEC §2).
+DEFAULT_CHAT_INSTRUCTION = "Write one concise caption for this image. Reply with the caption only."
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings; greedy and deterministic, so a cached caption equals a fresh one."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`; sampling is always off (Gemma 3's checkpoint samples)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False,
+                                  "num_beams": self.num_beams}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        return kwargs
+
+
+class Captioner(ABC):
+    """Batch in, batch out: `caption(images, prompt, params)` returns one caption per image, in order."""
+
+    family: ClassVar[str]
+    # Gemma 3's activations overflow float16; families that cannot run in it say so here.
+    float16_safe: ClassVar[bool] = True
+
+    def __init__(self, model_id: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+                 system_prompt: str | None = None) -> None:
+        self.model_id = model_id
+        self.revision = revision
+        self.requested_device = device
+        self.requested_dtype = dtype
+        self.system_prompt = system_prompt
+        self.processor: Any = None
+        self.model: Any = None
+        self.device: "torch.device | None" = None
+        self.torch_dtype: "torch.dtype | None" = None
+        self.load_seconds: float | None = None
+
+    @property
+    def spec(self) -> Family:
+        """This family's registry entry (flag, name, default checkpoint)."""
+        return FAMILIES[self.family]
+
+    @property
+    def loaded(self) -> bool:
+        """Whether load() has completed."""
+        return self.model is not None
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for responses, logs and /readyz."""
+        return {"family": self.family, "id": self.model_id, "revision": self.revision,
+                "device": str(self.device) if self.device else self.requested_device,
+                "dtype": str(self.torch_dtype).removeprefix("torch.") if self.torch_dtype else self.requested_dtype}
+
+    def effective_prompt(self, prompt: str | None) -> str | None:
+        """The prompt the model really sees for a request prompt (None means unconditional)."""
+        return prompt or None
+
+    def load(self) -> None:
+        """Bring in processor and weights once, check they belong together, and log where they run."""
+        started = time.perf_counter()
+        import torch  # noqa: F401  (imported here so that --help and config errors need no torch)
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        self.device = resolve_device(self.requested_device)
+        self.torch_dtype = resolve_dtype(self.requested_dtype, self.device, self.float16_safe, self.spec.name)
+        source = WeightSource(self.model_id, self.revision, self.spec)
+        self._check_architecture(source.load(AutoConfig.from_pretrained))
+        self.processor = source.load(AutoProcessor.from_pretrained)
+        model = source.load(AutoModelForImageTextToText.from_pretrained, dtype=self.torch_dtype)
+        self.model = model.to(self.device).eval()
+        self._prepare()
+        self.load_seconds = time.perf_counter() - started
+        log.info("Loaded %s checkpoint %s%s on %s as %s in %.1f s", self.spec.name, self.model_id,
+                 f" (revision {self.revision})" if self.revision else "", self.device,
+                 self.describe()["dtype"], self.load_seconds)
+
+    def caption(self, images: Sequence["Image.Image"], prompt: str | None, params: GenerationParams) -> list[str]:
+        """Caption all `images` in ONE generate call with the same prompt; one caption per image, in order."""
+        import torch
+
+        if not images:
+            return []
+        inputs = self.build_inputs(list(images), self.effective_prompt(prompt))
+        inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.torch_dtype)
+        with torch.inference_mode():
+            output_ids = self.model.generate(**inputs, **params.generate_kwargs())
+        captions = [text.strip() for text in self.decode(output_ids, inputs)]
+        if len(captions) != len(images):
+            raise CaptioningError(f"{self.spec.name} returned {len(captions)} captions for {len(images)} images")
+        return captions
+
+    @abstractmethod
+    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
+        """Processor outputs (a BatchFeature) for one batch that shares one prompt."""
+
+    @abstractmethod
+    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
+        """The caption text of each row of `output_ids`: new tokens only, special tokens skipped."""
+
+    def _prepare(self) -> None:
+        """Family hook run once after loading: consistency checks, padding side, generation defaults."""
+        generation_config = self.model.generation_config
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if generation_config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+            # Without it generate() warns on every call and guesses the eos token.
+            generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def _check_architecture(self, config: Any) -> None:
+        """Refuse a checkpoint of another family: its outputs would be garbage, or an obscure crash later."""
+        model_type = getattr(config, "model_type", None)
+        if model_type in self.spec.model_types:
+            return
+        other = family_of_model_type(model_type or "")
+        hint = (f"start with {other.flag} to serve it" if other
+                else f"it is not one of the families this service runs")
+        raise ConfigError(f"{self.model_id} is a {model_type!r} checkpoint, not {self.spec.name} "
+                          f"(expected model_type {', '.join(self.spec.model_types)}); {hint}, "
+                          f"or give {self.spec.flag} a {self.spec.name} checkpoint with --model-path.")
+
+
+class ChatCaptioner(Captioner):
+    """Families prompted through a chat template: one user turn holding the image, then the prompt text."""
+
+    def effective_prompt(self, prompt: str | None) -> str | None:
+        return prompt or DEFAULT_CHAT_INSTRUCTION
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        # Decoder-only models must be padded on the left so every row's new tokens start at the same column.
+        self.processor.tokenizer.padding_side = "left"
+
+    def conversation(self, image: "Image.Image", prompt: str | None) -> list[dict[str, Any]]:
+        """Exactly one user turn (image, then text), preceded by a system turn only if one is configured."""
+        turns: list[dict[str, Any]] = []
+        if self.system_prompt:
+            turns.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        turns.append({"role": "user", "content": [{"type": "image", "image": image},
+                                                  {"type": "text", "text": prompt}]})
+        return turns
+
+    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
+        return self.processor.apply_chat_template(
+            [self.conversation(image, prompt) for image in images],
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )
+
+    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
+        return self.processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def resolve_device(requested: str) -> "torch.device":
+    """`auto` picks CUDA, then MPS, then CPU; an explicit device that is not there is a ConfigError."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {requested}: Apple MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str) -> "torch.dtype":
+    """`auto` is float32 on CPU and a half type on accelerators that the family is safe in."""
+    import torch
+
+    if requested == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float16 if float16_safe else torch.float32
+        if device.type == "mps":
+            return torch.float16 if float16_safe else torch.float32
+        return torch.float32
+    if requested == "float16" and not float16_safe:
+        raise ConfigError(f"{family_name} overflows in float16 and produces garbage; "
+                          f"use --dtype bfloat16 or --dtype float32")
+    return getattr(torch, requested)
+
+
+class WeightSource:
+    """Where a checkpoint comes from: a local folder, the Hugging Face cache, or the Hub when reachable.
+
+    The cache is tried first, with no network; the Hub only when it answers, because huggingface_hub
+    retries an unreachable Hub for minutes before giving up, and start-up must fail in seconds.
+    """
+
+    def __init__(self, model_id: str, revision: str | None, family: Family) -> None:
+        self.model_id = model_id
+        self.revision = revision
+        self.family = family
+        self.is_local = os.path.isdir(os.path.expanduser(model_id))
+        self._online: bool | None = None
+        if not self.is_local and model_id.startswith(("/", ".", "~")):
+            raise ConfigError(f"--model-path {model_id}: no such folder")
+
+    def load(self, loader: Callable[..., Any], **kwargs: Any) -> Any:
+        """Call a `from_pretrained` loader on this checkpoint, turning failures into one clear error."""
+        if self.is_local:
+            return self._call(loader, os.path.expanduser(self.model_id), **kwargs)
+        if not self._online:
+            try:
+                return loader(self.model_id, revision=self.revision, local_files_only=True, **kwargs)
+            except OSError:
+                pass  # not (completely) in the cache: try the Hub if it can be reached
+            if self._online is None:
+                self._online = hub_reachable()
+            if not self._online:
+                raise ModelLoadError(self._unavailable_message())
+        return self._call(loader, self.model_id, revision=self.revision, **kwargs)
+
+    def _call(self, loader: Callable[..., Any], target: str, **kwargs: Any) -> Any:
+        try:
+            return loader(target, **kwargs)
+        except (ConfigError, ModelLoadError):
+            raise
+        except Exception as exc:  # any loader failure becomes a one-line message, not a traceback
+            raise ModelLoadError(f"Cannot load {self.family.name} checkpoint {self.model_id}: "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    def _unavailable_message(self) -> str:
+        from huggingface_hub import constants
+
+        revision = f" at revision {self.revision}" if self.revision else ""
+        return (
+            f"Cannot load the {self.family.name} checkpoint {self.model_id}{revision}: it is not in the "
+            f"Hugging Face cache (HF_HOME={constants.HF_HOME}) and the Hub ({constants.ENDPOINT}) cannot be "
+            f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}.\n"
+            f"Provide the weights in one of these ways:\n"
+            f"  - start once on a machine with network access (they are then cached under HF_HOME), or point "
+            f"HF_HOME at a cache that holds them;\n"
+            f"  - download the checkpoint into a folder (e.g. `hf download {self.model_id} --local-dir DIR` "
+            f"elsewhere, then copy DIR here) and start with --model-path DIR."
+        )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection (False in offline mode)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"

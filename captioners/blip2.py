@@ -1,0 +1,45 @@
+"""BLIP-2 with an OPT language model (Salesforce/blip2-opt-*): a prompt is text the LM continues."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from captioners.base import Captioner
+from errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+class Blip2Captioner(Captioner):
+    """BLIP-2: unconditional captions, or the continuation of "Question: … Answer:" (new text only)."""
+
+    family = "blip2"
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        processor_tokens = getattr(self.processor, "num_query_tokens", None)
+        model_tokens = self.model.config.num_query_tokens
+        # A processor that expands <image> to the wrong number of query tokens raises nothing at all:
+        # generate() silently ignores the image. Refuse to start instead.
+        if processor_tokens != model_tokens:
+            raise ConfigError(
+                f"{self.model_id}: the processor expands each image to {processor_tokens} query tokens but the "
+                f"model expects {model_tokens}; the checkpoint's processor_config.json must set "
+                f"num_query_tokens={model_tokens} (re-save the processor with a current transformers)."
+            )
+        self.processor.tokenizer.padding_side = "left"  # OPT is decoder-only: new tokens must line up
+
+    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
+        if prompt is None:
+            return self.processor(images=images, return_tensors="pt")
+        return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+
+    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
+        # With a prompt the output repeats the input ids; without one, generate() builds and returns
+        # [<image>] * num_query_tokens + [bos] itself. Either way only what follows is the caption.
+        if "input_ids" in inputs:
+            prompt_length = inputs["input_ids"].shape[1]
+        else:
+            prompt_length = self.model.config.num_query_tokens + 1
+        return self.processor.batch_decode(output_ids[:, prompt_length:], skip_special_tokens=True)

@@ -1,0 +1,198 @@
+"""One frozen Config, built once from defaults < .env < process environment < command-line flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from errors import ConfigError
+
+# Family id -> the flag that selects it (SPEC §2). The registry in captioners/ maps ids to implementations.
+FAMILY_FLAGS = {"blip": "--blip", "blip2": "--blip2", "gemma": "--gemma", "intern_vlm": "--intern-vlm"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CACHE_BACKENDS = ("auto", "redis", "memory", "off")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one Config field is named on the command line and in the environment."""
+
+    env: str
+    flag: str | None = None
+    help: str = ""
+
+
+def _setting(default: Any, env: str, flag: str | None = None, help: str = "") -> Any:
+    return field(default=default, metadata={"setting": Setting(env, flag, help)})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the service; see .env.example for the variables and their meaning."""
+
+    family: str = _setting("blip", "MODEL_FAMILY", None, "blip, blip2, gemma or intern_vlm")
+    model_path: str | None = _setting(None, "MODEL_PATH", "--model-path",
+                                      "local checkpoint folder or Hugging Face id of the chosen family")
+    revision: str | None = _setting(None, "MODEL_REVISION", "--revision", "hub revision (branch, tag or commit)")
+    device: str = _setting("auto", "DEVICE", "--device", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = _setting("auto", "DTYPE", "--dtype", "auto, float32, float16 or bfloat16")
+    caption_prompt: str | None = _setting(None, "CAPTION_PROMPT", "--caption-prompt",
+                                          "default prompt; a request's `prompt` field overrides it")
+    system_prompt: str | None = _setting(None, "SYSTEM_PROMPT", "--system-prompt",
+                                         "system turn for the chat families (Gemma 3, InternVL3)")
+    max_new_tokens: int = _setting(30, "MAX_NEW_TOKENS", "--max-new-tokens", "longest caption, in tokens")
+    max_batch_size: int = _setting(8, "MAX_BATCH_SIZE", "--max-batch-size", "images per generate() call")
+    batch_wait_ms: float = _setting(5.0, "BATCH_WAIT_MS", None, "how long a batch may wait to fill")
+    max_queue_images: int = _setting(256, "MAX_QUEUE_IMAGES", None, "queued images before 503")
+    host: str = _setting("127.0.0.1", "HOST", "--host", "address to listen on (0.0.0.0 to expose)")
+    port: int = _setting(5001, "PORT", "--port", "port to listen on")
+    threads: int = _setting(8, "SERVER_THREADS", "--threads", "HTTP worker threads")
+    redis_url: str | None = _setting(None, "REDIS_URL", None, "redis:// or rediss:// URL; overrides REDIS_*")
+    redis_host: str = _setting("127.0.0.1", "REDIS_HOST")
+    redis_port: int = _setting(6379, "REDIS_PORT")
+    redis_db: int = _setting(0, "REDIS_DB")
+    redis_password: str | None = _setting(None, "REDIS_PASSWORD")
+    redis_timeout_seconds: float = _setting(0.25, "REDIS_TIMEOUT_SECONDS")
+    cache_backend: str = _setting("auto", "CACHE_BACKEND", None, "auto, redis, memory or off")
+    cache_ttl_seconds: int = _setting(86400, "CACHE_TTL_SECONDS")
+    cache_prefix: str = _setting("imgcap", "CACHE_PREFIX")
+    memory_cache_max_entries: int = _setting(10000, "MEMORY_CACHE_MAX_ENTRIES")
+    admin_token: str | None = _setting(None, "ADMIN_TOKEN")
+    max_request_bytes: int = _setting(64 * MiB, "MAX_REQUEST_BYTES")
+    max_files_per_request: int = _setting(32, "MAX_FILES_PER_REQUEST")
+    max_file_bytes: int = _setting(20 * MiB, "MAX_FILE_BYTES")
+    max_image_pixels: int = _setting(50_000_000, "MAX_IMAGE_PIXELS")
+    spacy_model: str | None = _setting(None, "SPACY_MODEL")
+    log_level: str = _setting("INFO", "LOG_LEVEL")
+    log_format: str = _setting("text", "LOG_FORMAT", None, "text or json")
+    warmup: bool = _setting(True, "WARMUP", None, "caption one blank image before reporting ready")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.family not in FAMILY_FLAGS:
+            problems.append(f"unknown model family {self.family!r} (choose one of {', '.join(FAMILY_FLAGS)})")
+        if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.startswith("cuda:")):
+            problems.append(f"--device must be one of auto, cpu, cuda, cuda:N, mps, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.cache_backend not in CACHE_BACKENDS:
+            problems.append(f"CACHE_BACKEND must be one of {', '.join(CACHE_BACKENDS)}, not {self.cache_backend!r}")
+        if self.log_format not in ("text", "json"):
+            problems.append(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
+        for name in ("max_new_tokens", "max_batch_size", "port", "threads", "cache_ttl_seconds", "max_request_bytes",
+                     "max_files_per_request", "max_file_bytes", "max_image_pixels", "max_queue_images",
+                     "memory_cache_max_entries"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
+        if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0:
+            problems.append("BATCH_WAIT_MS must be >= 0 and REDIS_TIMEOUT_SECONDS > 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def redis_target(self) -> str:
+        """Where the Redis cache lives, for logs (never includes the password)."""
+        if self.redis_url:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.redis_url)
+            return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _describe(name: str) -> str:
+    s: Setting = _settings()[name]
+    return s.flag or s.env
+
+
+def _settings() -> dict[str, Setting]:
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(Config)}
+
+
+def _converter(f: dataclasses.Field) -> Callable[[str], Any]:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    if kind.startswith("bool"):
+        return _parse_bool
+    return str
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of SPEC §3 (argparse exits with code 2 on usage errors)."""
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Image captioning and tagging service. Every flag can also be set in the environment "
+                    "or in .env (see .env.example); flags win over the environment, which wins over .env.",
+    )
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--blip", dest="family", action="store_const", const="blip",
+                        help="BLIP (Salesforce/blip-image-captioning-base); the default")
+    models.add_argument("--blip2", dest="family", action="store_const", const="blip2",
+                        help="BLIP-2 OPT (Salesforce/blip2-opt-2.7b)")
+    models.add_argument("--gemma", dest="family", action="store_const", const="gemma",
+                        help="Gemma 3 (google/gemma-3-4b-it)")
+    models.add_argument("--intern-vlm", dest="family", action="store_const", const="intern_vlm",
+                        help="InternVL3 (OpenGVLab/InternVL3-1B-hf)")
+    for f in dataclasses.fields(Config):
+        s: Setting = f.metadata["setting"]
+        if s.flag:
+            parser.add_argument(s.flag, dest=f.name, default=None, type=_converter(f),
+                                help=f"{s.help} (env {s.env}; default {f.default})")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                dotenv_path: str | os.PathLike | None = None) -> Config:
+    """Build the Config: defaults < .env < environment < flags. Raises ConfigError on bad values."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    environ = os.environ if environ is None else environ
+    dotenv = read_dotenv(dotenv_path if dotenv_path is not None else environ.get("ENV_FILE", ".env"))
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        s: Setting = f.metadata["setting"]
+        flag_value = getattr(args, f.name, None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        raw = environ.get(s.env)
+        if raw is None:
+            raw = dotenv.get(s.env)
+        if raw is None or raw.strip() == "":
+            continue  # an empty variable means "use the default", as in .env.example
+        try:
+            values[f.name] = _converter(f)(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{s.env}={raw!r} is not valid: {exc}") from None
+    if "family" in values:
+        values["family"] = values["family"].replace("-", "_")
+    return Config(**values)
+
+
+def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
+    """The variables of a .env file (python-dotenv), without touching os.environ; {} when absent."""
+    if not Path(path).is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}

@@ -1,0 +1,150 @@
+"""Every family through the real from_pretrained + generate path on tiny checkpoints, against a direct call."""
+from __future__ import annotations
+
+import unittest
+
+from captioners import FAMILIES as REGISTRY
+from captioners import create_captioner
+from captioners.base import DEFAULT_CHAT_INSTRUCTION, GenerationParams, resolve_device, resolve_dtype
+from errors import ConfigError
+from support import tiny_models
+from support.tiny_models import FAMILIES, reference_captions, sample_images, tiny_checkpoint
+
+PROMPTS = {"blip": "a photo of", "blip2": "Question: Describe the image. Answer:",
+           "gemma": "Describe this image in one sentence.", "intern_vlm": "Please describe the image explicitly."}
+PARAMS = GenerationParams(max_new_tokens=12)
+
+
+class FamilyAgreementTest(unittest.TestCase):
+    """The service's captioner gives exactly the captions of a direct batched transformers call."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.images = sample_images()
+        cls.captioners = {}
+        for family in FAMILIES:
+            captioner = create_captioner(family, str(tiny_checkpoint(family)))
+            captioner.load()
+            cls.captioners[family] = captioner
+
+    def test_registry_knows_the_four_families(self) -> None:
+        self.assertEqual(set(REGISTRY), set(FAMILIES))
+        self.assertEqual(DEFAULT_CHAT_INSTRUCTION, tiny_models.DEFAULT_CHAT_INSTRUCTION)
+
+    def test_captions_equal_direct_generate(self) -> None:
+        for family in FAMILIES:
+            for prompt in (None, PROMPTS[family]):
+                with self.subTest(family=family, prompt=prompt):
+                    got = self.captioners[family].caption(self.images, prompt, PARAMS)
+                    expected = reference_captions(tiny_checkpoint(family), family, self.images, prompt=prompt,
+                                                  max_new_tokens=12)
+                    self.assertEqual(got, expected)
+                    self.assertEqual(len(set(got)), 3, f"tiny {family} ignores its image: {got}")
+
+    def test_batch_item_equals_single_image(self) -> None:
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                captioner = self.captioners[family]
+                batch = captioner.caption(self.images, PROMPTS[family], PARAMS)
+                singles = [captioner.caption([image], PROMPTS[family], PARAMS)[0] for image in self.images]
+                self.assertEqual(batch, singles)
+
+    def test_deterministic(self) -> None:
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                captioner = self.captioners[family]
+                self.assertEqual(captioner.caption(self.images, None, PARAMS),
+                                 captioner.caption(self.images, None, PARAMS))
+
+    def test_blip_prefix_is_removed_by_token_slicing(self) -> None:
+        captioner = self.captioners["blip"]
+        inputs = captioner.build_inputs(self.images[:1], "a photo of")
+        output = captioner.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        full = captioner.processor.batch_decode(output, skip_special_tokens=True)[0]
+        new = captioner.caption(self.images[:1], "a photo of", GenerationParams(max_new_tokens=5))[0]
+        self.assertTrue(full.startswith("a photo of"), full)
+        self.assertEqual(full, ("a photo of " + new).strip())
+
+    def test_chat_system_prompt_is_a_system_turn(self) -> None:
+        for family in ("gemma", "intern_vlm"):
+            with self.subTest(family=family):
+                folder = tiny_checkpoint(family)
+                captioner = create_captioner(family, str(folder), system_prompt="You write alt text.")
+                captioner.load()
+                turns = captioner.conversation(self.images[0], "hi")
+                self.assertEqual([t["role"] for t in turns], ["system", "user"])
+                self.assertEqual([c["type"] for c in turns[1]["content"]], ["image", "text"])
+                self.assertEqual(captioner.caption(self.images, None, PARAMS),
+                                 reference_captions(folder, family, self.images, max_new_tokens=12,
+                                                    system_prompt="You write alt text."))
+                without = self.captioners[family].conversation(self.images[0], "hi")
+                self.assertEqual([t["role"] for t in without], ["user"])
+
+    def test_max_new_tokens_is_honoured(self) -> None:
+        short = GenerationParams(max_new_tokens=3)
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                got = self.captioners[family].caption(self.images, None, short)
+                self.assertEqual(got, reference_captions(tiny_checkpoint(family), family, self.images,
+                                                         max_new_tokens=3))
+                longer = self.captioners[family].caption(self.images, None, PARAMS)
+                self.assertTrue(all(b.startswith(a.rstrip("�")) or not a for a, b in zip(got, longer)),
+                                (got, longer))
+
+
+class BFloat16Test(unittest.TestCase):
+    """`--dtype bfloat16` on CPU loads and captions every family."""
+
+    def test_every_family_in_bfloat16(self) -> None:
+        import torch
+
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                captioner = create_captioner(family, str(tiny_checkpoint(family)), dtype="bfloat16")
+                captioner.load()
+                self.assertEqual(captioner.model.dtype, torch.bfloat16)
+                self.assertEqual(captioner.describe()["dtype"], "bfloat16")
+                captions = captioner.caption(sample_images(), None, PARAMS)
+                self.assertEqual(len(captions), 3)
+                self.assertTrue(all(isinstance(c, str) for c in captions))
+
+
+class StartupChecksTest(unittest.TestCase):
+    """Silent failures become clear errors before serving."""
+
+    def test_wrong_family_checkpoint(self) -> None:
+        captioner = create_captioner("blip", str(tiny_checkpoint("gemma")))
+        with self.assertRaises(ConfigError) as caught:
+            captioner.load()
+        message = str(caught.exception)
+        self.assertIn("'gemma3'", message)
+        self.assertIn("--gemma", message)
+
+    def test_blip2_query_token_mismatch(self) -> None:
+        captioner = create_captioner("blip2", str(tiny_checkpoint("blip2", "query_token_mismatch")))
+        with self.assertRaises(ConfigError) as caught:
+            captioner.load()
+        self.assertIn("query tokens", str(caught.exception))
+        self.assertIn("num_query_tokens=4", str(caught.exception))
+
+    def test_missing_folder(self) -> None:
+        with self.assertRaises(ConfigError):
+            create_captioner("blip", "/nonexistent/checkpoint").load()
+
+    def test_device_and_dtype_resolution(self) -> None:
+        import torch
+
+        cpu = torch.device("cpu")
+        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP"), torch.float32)
+        self.assertEqual(resolve_dtype("bfloat16", cpu, False, "Gemma 3"), torch.bfloat16)
+        with self.assertRaises(ConfigError):
+            resolve_dtype("float16", cpu, False, "Gemma 3")
+        self.assertEqual(resolve_device("cpu"), cpu)
+        if not torch.cuda.is_available():
+            self.assertEqual(resolve_device("auto").type, "mps" if torch.backends.mps.is_available() else "cpu")
+            with self.assertRaises(ConfigError):
+                resolve_device("cuda")
+
+
+if __name__ == "__main__":
+    unittest.main()
