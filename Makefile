@@ -32,5 +32,8 @@ $(VENV)/.installed-dev-$(DEV_HASH):
 	@rm -f $(VENV)/.installed-dev-* $(VENV)/.installed-run-*
 	@touch $@ $(VENV)/.installed-run-$(RUN_HASH)
 
+bench: setup-dev
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

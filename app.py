@@ -66,7 +66,8 @@ def get_service() -> CaptionService:
 def index() -> str:
     """The demo page."""
     service = get_service()
-    return render_template("index.html", model=service.model_info(), default_prompt=service.config.caption_prompt,
+    return render_template("index.html", info=service.readiness(), model=service.model_info(),
+                           default_prompt=service.config.caption_prompt or "",
                            admin_token_required=bool(service.config.admin_token))
 
 

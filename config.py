@@ -46,6 +46,8 @@ class Config:
     system_prompt: str | None = _setting(None, "SYSTEM_PROMPT", "--system-prompt",
                                          "system turn for the chat families (Gemma 3, InternVL3)")
     max_new_tokens: int = _setting(30, "MAX_NEW_TOKENS", "--max-new-tokens", "longest caption, in tokens")
+    min_new_tokens: int = _setting(0, "MIN_NEW_TOKENS", None,
+                                   "shortest caption, in tokens (0: none; the benchmark pins caption length)")
     max_batch_size: int = _setting(8, "MAX_BATCH_SIZE", "--max-batch-size", "images per generate() call")
     batch_wait_ms: float = _setting(5.0, "BATCH_WAIT_MS", None, "how long a batch may wait to fill")
     max_queue_images: int = _setting(256, "MAX_QUEUE_IMAGES", None, "queued images before 503")
@@ -89,6 +91,8 @@ class Config:
                      "memory_cache_max_entries"):
             if getattr(self, name) <= 0:
                 problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append("MIN_NEW_TOKENS must be between 0 and MAX_NEW_TOKENS")
         if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0:
             problems.append("BATCH_WAIT_MS must be >= 0 and REDIS_TIMEOUT_SECONDS > 0")
         if problems:

@@ -53,7 +53,7 @@ class CaptionService:
         self.captioner = captioner
         self.tagger = tagger
         self.cache = cache
-        self.params = GenerationParams(max_new_tokens=config.max_new_tokens)
+        self.params = GenerationParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
         self.limits = ImageLimits(max_file_bytes=config.max_file_bytes, max_pixels=config.max_image_pixels)
         self.batcher: Batcher | None = None
         self.state = "starting"  # starting -> ready, or failed
