@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 from errors import CaptioningError, OverloadedError
 
@@ -79,6 +79,11 @@ class Batcher(Generic[R]):
     def pending(self) -> int:
         """Images submitted and not yet answered."""
         return len(self._inflight)
+
+    def in_flight(self, keys: Iterable[str]) -> set[str]:
+        """Which of these keys are queued or being captioned right now."""
+        with self._cond:
+            return {key for key in keys if key in self._inflight}
 
     def submit(self, items: Sequence[tuple[str, Any, str | None]]) -> list[Future]:
         """Queue (key, image, prompt) items; returns one future per item (shared for equal keys).

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -55,6 +56,21 @@ class Cache:
     def clear(self) -> int:
         """Delete this service's entries (keys under the prefix) and nothing else; returns how many."""
         return 0
+
+    def try_lock_many(self, keys: Sequence[str], ttl_seconds: float) -> list[bool]:
+        """Claim the right to caption each key across replicas; True where this process should caption it.
+
+        Backends that are not shared between processes (and a Redis that is down) grant every claim: the
+        in-process batcher already makes identical images wait for one another.
+        """
+        return [True] * len(keys)
+
+    def unlock_many(self, keys: Sequence[str]) -> None:
+        """Give up claims made by try_lock_many (only this process's own claims are removed)."""
+
+    def peek_many(self, keys: Sequence[str]) -> list[tuple[dict[str, Any] | None, bool]]:
+        """For keys claimed by another replica: (value if stored, whether the claim is still held)."""
+        return [(value, False) for value in self.get_many(keys)]
 
     def available(self) -> bool:
         """Whether the backend answers right now."""
@@ -123,6 +139,8 @@ class RedisCache(Cache):
                  metrics: "Metrics | None" = None, target: str = "redis") -> None:
         super().__init__(prefix, ttl_seconds)
         self.client = client
+        self.owner = uuid.uuid4().hex  # whose claims (locks) are whose, when replicas share a Redis
+        self._unlock = client.register_script(_UNLOCK_SCRIPT)
         self.retry_interval = retry_interval
         self.metrics = metrics
         self.target = target
@@ -176,6 +194,42 @@ class RedisCache(Cache):
             raise
         self._mark_up()
         return deleted
+
+    def try_lock_many(self, keys: Sequence[str], ttl_seconds: float) -> list[bool]:
+        def claim() -> list[bool]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(_lock_key(key), self.owner, nx=True, px=int(ttl_seconds * 1000))
+            return [bool(ok) for ok in pipe.execute()]
+
+        if not keys:
+            return []
+        granted = self._guard(claim, None)
+        return granted if granted is not None else [True] * len(keys)  # Redis down: caption locally
+
+    def unlock_many(self, keys: Sequence[str]) -> None:
+        def release() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                self._unlock(keys=[_lock_key(key)], args=[self.owner], client=pipe)
+            pipe.execute()
+
+        if keys:
+            self._guard(release, None)
+
+    def peek_many(self, keys: Sequence[str]) -> list[tuple[dict[str, Any] | None, bool]]:
+        def peek() -> list[tuple[dict[str, Any] | None, bool]]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget(keys)
+            for key in keys:
+                pipe.exists(_lock_key(key))
+            values, *held = pipe.execute()
+            return [(_loads(value), bool(h)) for value, h in zip(values, held)]
+
+        if not keys:
+            return []
+        found = self._guard(peek, None)
+        return found if found is not None else [(None, False)] * len(keys)
 
     def available(self) -> bool:
         """Ping Redis now (short timeout), whatever the retry schedule says."""
@@ -231,6 +285,19 @@ class RedisCache(Cache):
     def _set_up_gauge(self, value: int) -> None:
         if self.metrics:
             self.metrics.redis_up.set(value)
+
+
+def _lock_key(key: str) -> str:
+    return key + ":lock"
+
+
+# Delete a lock only if this process still owns it (it may have expired and been taken by another replica).
+_UNLOCK_SCRIPT = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 def make_redis_client(config: "Config") -> "redis.Redis":

@@ -63,6 +63,8 @@ class Config:
     cache_backend: str = _setting("auto", "CACHE_BACKEND", None, "auto, redis, memory or off")
     cache_ttl_seconds: int = _setting(86400, "CACHE_TTL_SECONDS")
     cache_prefix: str = _setting("imgcap", "CACHE_PREFIX")
+    cache_lock_seconds: float = _setting(60.0, "CACHE_LOCK_SECONDS", None,
+                                         "how long a replica may hold the claim on an image it is captioning")
     memory_cache_max_entries: int = _setting(10000, "MEMORY_CACHE_MAX_ENTRIES")
     admin_token: str | None = _setting(None, "ADMIN_TOKEN")
     max_request_bytes: int = _setting(64 * MiB, "MAX_REQUEST_BYTES")
@@ -93,8 +95,8 @@ class Config:
                 problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("MIN_NEW_TOKENS must be between 0 and MAX_NEW_TOKENS")
-        if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0:
-            problems.append("BATCH_WAIT_MS must be >= 0 and REDIS_TIMEOUT_SECONDS > 0")
+        if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0 or self.cache_lock_seconds <= 0:
+            problems.append("BATCH_WAIT_MS must be >= 0, REDIS_TIMEOUT_SECONDS and CACHE_LOCK_SECONDS > 0")
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -64,5 +64,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
 
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with log lines
+        if fmt == "json":  # download bars too: in JSON mode every line must be one object
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
     except ImportError:
         pass

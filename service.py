@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PEER_POLL_SECONDS = 0.025  # how often a request waiting for another replica's caption looks for it
 CAPTIONER_SCHEMA = 1  # bump when the way captions are produced changes (prompt handling, decoding)
 
 
@@ -148,71 +150,89 @@ class CaptionService:
         )
 
     def caption_uploads(self, uploads: Sequence[Upload], prompt: str | None) -> tuple[list[dict[str, Any]], int]:
-        """One result per upload, in order (caption + tags + cached, or a per-file error), and the HTTP status.
-
-        The status is 200 when at least one file was captioned; otherwise the files' common error status
-        (413 all too large, 415 all unsupported), or 400 when they differ.
-        """
+        """One result per upload, in order (caption + tags + cached, or a per-file error), and the HTTP status."""
         if not self.ready:
             raise NotReadyError("the model is still loading; retry in a few seconds", headers={"Retry-After": "5"})
         prompt = prompt or self.config.caption_prompt or None
         config_fp = self.config_fingerprint(prompt)
-        results: list[dict[str, Any] | None] = [None] * len(uploads)
-        error_statuses: set[int] = set()
+        answer = _Answer(uploads)
         keys: dict[int, str] = {}
         for index, upload in enumerate(uploads):
             if len(upload.data) > self.limits.max_file_bytes:  # don't even hash what we will refuse
-                results[index] = self._error_result(upload, error_statuses, FileTooLargeError(
-                    f"file is {len(upload.data)} bytes; the limit is {self.limits.max_file_bytes} "
-                    f"(MAX_FILE_BYTES)"))
+                answer.fail(index, FileTooLargeError(f"file is {len(upload.data)} bytes; the limit is "
+                                                     f"{self.limits.max_file_bytes} (MAX_FILE_BYTES)"))
             else:
                 keys[index] = cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data))
         cached = self.cache.get_many(list(keys.values()))
-        misses: list[tuple[int, str, Any]] = []
+        hits = sum(value is not None for value in cached)
+        self.metrics.cache_requests.labels("hit").inc(hits)
+        self.metrics.cache_requests.labels("miss").inc(len(cached) - hits)
+        misses: dict[int, tuple[str, Any]] = {}
         for (index, key), value in zip(keys.items(), cached):
             if value is not None:
-                results[index] = {"filename": uploads[index].filename, "caption": value["caption"],
-                                  "tags": value["tags"], "cached": True}
+                answer.succeed(index, value, cached=True)
                 continue
-            try:
-                misses.append((index, key, decode_image(uploads[index].data, self.limits)))
+            try:  # decoded here, in the request thread, while the model works on other requests
+                misses[index] = (key, decode_image(uploads[index].data, self.limits))
             except BadImageError as exc:
-                results[index] = self._error_result(uploads[index], error_statuses, exc)
+                answer.fail(index, exc)
         if misses:
-            futures = self.batcher.submit([(key, image, prompt) for _, key, image in misses])
-            for (index, _, _), future in zip(misses, futures):
+            self._caption_misses(misses, prompt, answer)
+        for outcome, count in answer.outcomes().items():
+            self.metrics.images.labels(outcome).inc(count)
+        return answer.results, answer.status()
+
+    def _caption_misses(self, misses: dict[int, tuple[str, Any]], prompt: str | None, answer: "_Answer") -> None:
+        """Caption what no cache had: here, or by waiting for the replica that is captioning it already."""
+        in_flight = self.batcher.in_flight(key for key, _ in misses.values())
+        to_claim = list(dict.fromkeys(key for key, _ in misses.values() if key not in in_flight))
+        claims = dict(zip(to_claim, self.cache.try_lock_many(to_claim, self.config.cache_lock_seconds)))
+        mine = [key for key, granted in claims.items() if granted]
+        try:
+            local = {i: m for i, m in misses.items() if claims.get(m[0], True)}
+            elsewhere = {i: m for i, m in misses.items() if not claims.get(m[0], True)}
+            futures = self._submit(local, prompt)
+            if elsewhere:
+                orphaned = self._await_other_replicas(elsewhere, answer)
+                futures.update(self._submit(orphaned, prompt))
+            for index, future in futures.items():
                 try:
-                    value = future.result()
+                    answer.succeed(index, future.result(), cached=False)
                 except ServiceError as exc:
-                    results[index] = self._error_result(uploads[index], error_statuses, exc)
+                    answer.fail(index, exc)
                 except Exception as exc:  # noqa: BLE001 - a model fault is reported per file, never a traceback
-                    results[index] = self._error_result(uploads[index], error_statuses, ServiceError(
-                        f"captioning failed: {type(exc).__name__}", code="captioning_failed"))
-                else:
-                    results[index] = {"filename": uploads[index].filename, "caption": value["caption"],
-                                      "tags": value["tags"], "cached": False}
-        self._count(cached, results)
-        if len(error_statuses) and all(r is not None and "error" in r for r in results):
-            return results, error_statuses.pop() if len(error_statuses) == 1 else 400  # type: ignore[return-value]
-        return results, 200  # type: ignore[return-value]
+                    answer.fail(index, ServiceError(f"captioning failed: {type(exc).__name__}",
+                                                    code="captioning_failed"))
+        finally:
+            self.cache.unlock_many(mine)
+
+    def _submit(self, misses: dict[int, tuple[str, Any]], prompt: str | None) -> dict[int, Future]:
+        if not misses:
+            return {}
+        futures = self.batcher.submit([(key, image, prompt) for key, image in misses.values()])
+        return dict(zip(misses, futures))
+
+    def _await_other_replicas(self, waiting: dict[int, tuple[str, Any]], answer: "_Answer"
+                              ) -> dict[int, tuple[str, Any]]:
+        """Poll the shared cache until another replica stores these keys; returns those it gave up on."""
+        deadline = time.monotonic() + self.config.cache_lock_seconds
+        pending = dict(waiting)
+        orphaned: dict[int, tuple[str, Any]] = {}
+        while pending and time.monotonic() < deadline:
+            time.sleep(PEER_POLL_SECONDS)
+            indexes = list(pending)
+            for index, (value, held) in zip(indexes, self.cache.peek_many([pending[i][0] for i in indexes])):
+                if value is not None:
+                    answer.succeed(index, value, cached=True)
+                    del pending[index]
+                elif not held:  # the other replica failed or died: caption it here
+                    orphaned[index] = pending.pop(index)
+        orphaned.update(pending)
+        return orphaned
 
     def reset_cache(self) -> int:
         """Delete this service's cache entries; returns how many."""
         return self.cache.clear()
-
-    def _count(self, cached: list[Any], results: list[dict[str, Any] | None]) -> None:
-        hits = sum(value is not None for value in cached)
-        self.metrics.cache_requests.labels("hit").inc(hits)
-        self.metrics.cache_requests.labels("miss").inc(len(cached) - hits)
-        for outcome in ("cached", "captioned", "error"):
-            count = sum(1 for r in results if r is not None and _outcome(r) == outcome)
-            if count:
-                self.metrics.images.labels(outcome).inc(count)
-
-    @staticmethod
-    def _error_result(upload: Upload, statuses: set[int], error: ServiceError) -> dict[str, Any]:
-        statuses.add(error.status_code)
-        return {"filename": upload.filename, "error": error.to_dict()}
 
     # ----- batcher callbacks (model thread, post-processing thread) ------------------------------------------
     def _forward(self, images: list[Any], prompt: str | None) -> list[str]:
@@ -224,7 +244,31 @@ class CaptionService:
         return values
 
 
-def _outcome(result: dict[str, Any]) -> str:
-    if "error" in result:
-        return "error"
-    return "cached" if result["cached"] else "captioned"
+class _Answer:
+    """The per-file results of one request, filled in as they become known, and its HTTP status."""
+
+    def __init__(self, uploads: Sequence[Upload]) -> None:
+        self.uploads = uploads
+        self.results: list[dict[str, Any]] = [{} for _ in uploads]
+        self.error_statuses: set[int] = set()
+
+    def succeed(self, index: int, value: dict[str, Any], cached: bool) -> None:
+        self.results[index] = {"filename": self.uploads[index].filename, "caption": value["caption"],
+                               "tags": value["tags"], "cached": cached}
+
+    def fail(self, index: int, error: ServiceError) -> None:
+        self.error_statuses.add(error.status_code)
+        self.results[index] = {"filename": self.uploads[index].filename, "error": error.to_dict()}
+
+    def outcomes(self) -> dict[str, int]:
+        """How many files were cached, captioned, or refused."""
+        counts = {"cached": 0, "captioned": 0, "error": 0}
+        for result in self.results:
+            counts["error" if "error" in result else "cached" if result["cached"] else "captioned"] += 1
+        return counts
+
+    def status(self) -> int:
+        """200 when any file was captioned; else the files' common error status (413, 415, …), or 400."""
+        if any("error" not in result for result in self.results):
+            return 200
+        return next(iter(self.error_statuses)) if len(self.error_statuses) == 1 else 400
