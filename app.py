@@ -62,13 +62,21 @@ def get_service() -> CaptionService:
 
 
 # ----- routes -------------------------------------------------------------------------------------------------
+DEMO_PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+                    "form-action 'self'; frame-ancestors 'none'")
+
+
 @bp.get("/")
-def index() -> str:
+def index() -> Response:
     """The demo page."""
     service = get_service()
-    return render_template("index.html", info=service.readiness(), model=service.model_info(),
+    page = render_template("index.html", info=service.readiness(), model=service.model_info(),
                            default_prompt=service.config.caption_prompt or "",
-                           admin_token_required=bool(service.config.admin_token))
+                           admin_token_required=bool(service.config.admin_token),
+                           limits={"max_files_per_request": service.config.max_files_per_request,
+                                   "max_request_bytes": service.config.max_request_bytes})
+    # A header, unlike the page's meta tag, can also forbid framing (clickjacking).
+    return Response(page, headers={"Content-Security-Policy": DEMO_PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
 
 
 @bp.post("/caption-images")
