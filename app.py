@@ -23,6 +23,7 @@ from config import Config, load_config
 from errors import (BadRequestError, ConfigError, ModelLoadError, NoImagesError, ServiceError, TooManyFilesError,
                     UnauthorizedError)
 from metrics import Metrics
+from openapi import openapi_document
 from service import CaptionService, Upload
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def create_app(config: Config | None = None, *, service: CaptionService | None =
     app.register_error_handler(Exception, _unexpected_error)
     app.before_request(_start_request)
     app.after_request(_finish_request)
+    app.teardown_request(lambda _exc: logs.request_id.set(None))  # waitress reuses threads: no stale ids
     return app
 
 
@@ -130,7 +132,14 @@ def readyz() -> tuple[Response, int]:
 def metrics() -> Response:
     """Prometheus metrics in the text exposition format."""
     service = get_service()
-    return Response(service.metrics.render(), mimetype=service.metrics.content_type)
+    # content_type, not mimetype: werkzeug would append a second "; charset=utf-8" to a text/* mimetype.
+    return Response(service.metrics.render(), content_type=service.metrics.content_type)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    """The OpenAPI 3 description of this API (limits and security as this server applies them)."""
+    return jsonify(openapi_document(get_service().config, max_prompt_chars=MAX_PROMPT_CHARS))
 
 
 def _require_admin(config: Config) -> None:
@@ -213,6 +222,8 @@ def make_server(app: Flask, config: Config) -> Any:
                     f'"message": "{error.reason.lower()}: {error.body.replace(chr(34), chr(39))}"}}}}').encode()
             self.status = f"{error.code} {error.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
+            # These never reach Flask (_finish_request); every response carries a request id, these too.
+            self.response_headers.append(("X-Request-ID", uuid.uuid4().hex))
             self.set_close_on_finish()
             self.content_length = len(body)
             self.write(body)
@@ -266,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              described["device"], described["dtype"], service.cache.backend)
     stop.wait()
     log.info("Shutting down")
+    # Let the HTTP threads finish what they are doing first: closing the server under them makes each one
+    # that is still writing a response log "OSError: [Errno 9] Bad file descriptor" with a traceback.
+    server.task_dispatcher.shutdown()
     server.close()
     service.stop()
     return 0

@@ -189,6 +189,13 @@ class CaptionService:
         claims = dict(zip(to_claim, self.cache.try_lock_many(to_claim, self.config.cache_lock_seconds)))
         mine = [key for key, granted in claims.items() if granted]
         try:
+            # Another replica may have stored the answer between our lookup and our claim (its claim already
+            # released): look once more, now that we hold the claim, so that it is not captioned twice.
+            stored = dict(zip(mine, self.cache.get_many(mine)))
+            for index, (key, _) in list(misses.items()):
+                if stored.get(key) is not None:
+                    answer.succeed(index, stored[key], cached=True)
+                    del misses[index]
             local = {i: m for i, m in misses.items() if claims.get(m[0], True)}
             elsewhere = {i: m for i, m in misses.items() if not claims.get(m[0], True)}
             futures = self._submit(local, prompt)

@@ -4,6 +4,7 @@ A test that cannot find a service it needs skips on a developer's machine and FA
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -20,6 +21,8 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_LOG_DIR = tempfile.mkdtemp(prefix="imgcap-test-logs-")
+atexit.register(shutil.rmtree, _LOG_DIR, True)
 
 
 def missing_service(reason: str) -> None:
@@ -96,7 +99,7 @@ class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
         self.args = [sys.executable, str(REPO_ROOT / "app.py"), *args, "--port", str(self.port)]
-        self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=_LOG_DIR)[1])
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     # a .env in the developer's checkout must not change what the tests run
                     "ENV_FILE": os.devnull, **(env or {})}

@@ -1,0 +1,363 @@
+"""The OpenAPI 3.0 description of the HTTP API, as served at /openapi.json.
+
+Built from the running configuration, so the limits it states (files per request, prompt length) and the
+security of /reset-redis (a bearer token only when ADMIN_TOKEN is set) are the ones this server applies.
+Every error code a client can see is listed in ERROR_CODES; tests check the table against errors.py and
+check live responses against the document.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from config import FAMILY_FLAGS
+
+if TYPE_CHECKING:
+    from config import Config
+
+OPENAPI_VERSION = "3.0.3"
+API_VERSION = "1.0.0"
+
+# code -> (HTTP status it comes with, when). Per-file codes appear in a result's `error`, the others in an
+# ErrorBody; a request whose files all failed answers with the files' common status (else 400).
+FILE_ERROR_CODES: dict[str, tuple[int | None, str]] = {
+    "bad_image": (400, "the file cannot be captioned (generic)"),
+    "empty_file": (400, "a zero-byte file"),
+    "corrupt_image": (400, "the header looks like an image but the pixels cannot be decoded"),
+    "file_too_large": (413, "the file is larger than MAX_FILE_BYTES"),
+    "too_many_pixels": (413, "the image declares more pixels than MAX_IMAGE_PIXELS (decompression bomb)"),
+    "not_an_image": (415, "the bytes are not an image in any readable format"),
+    "unsupported_format": (415, "an image format that is not accepted"),
+    "captioning_failed": (500, "the model failed on this file's batch (a server fault)"),
+}
+REQUEST_ERROR_CODES: dict[str, tuple[int | None, str]] = {
+    "bad_request": (400, "a malformed request"),
+    "no_images": (400, "no file under the form field `images`"),
+    "prompt_too_long": (400, "the `prompt` field is longer than the limit"),
+    "unauthorized": (401, "/reset-redis without `Authorization: Bearer <ADMIN_TOKEN>`"),
+    "not_found": (404, "no such path"),
+    "method_not_allowed": (405, "the path does not accept this method (see the Allow header)"),
+    "too_many_files": (413, "more files than MAX_FILES_PER_REQUEST"),
+    "request_too_large": (413, "the body is larger than MAX_REQUEST_BYTES, or has too many parts"),
+    "unsupported_media_type": (415, "an unsupported request media type"),
+    "headers_too_large": (431, "the request headers are too large"),
+    "http_error": (None, "any other HTTP-level refusal, with its own HTTP status"),
+    "internal_error": (500, "an unexpected server fault (logged; no details are returned)"),
+    "not_ready": (503, "the model is still loading; retry after Retry-After seconds"),
+    "overloaded": (503, "more images are queued than MAX_QUEUE_IMAGES; retry after Retry-After seconds"),
+    "cache_unavailable": (503, "/reset-redis could not reach Redis"),
+}
+ERROR_CODES: dict[str, tuple[int | None, str]] = {**FILE_ERROR_CODES, **REQUEST_ERROR_CODES}
+
+
+def openapi_document(config: "Config", *, max_prompt_chars: int = 2000) -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document of this service under `config` (a JSON-able dict)."""
+    admin = bool(config.admin_token)
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "Image captioning and tagging service",
+            "version": API_VERSION,
+            "description": _api_description(),
+        },
+        "tags": [{"name": "captions"}, {"name": "cache"}, {"name": "operations"}],
+        "paths": {
+            "/caption-images": {"post": _caption_images(config, max_prompt_chars)},
+            "/reset-redis": {"get": _reset_redis("get", admin), "post": _reset_redis("post", admin)},
+            "/healthz": {"get": _healthz()},
+            "/readyz": {"get": _readyz()},
+            "/metrics": {"get": _metrics()},
+            "/openapi.json": {"get": _openapi_json()},
+            "/": {"get": _index()},
+        },
+        "components": _components(admin),
+    }
+
+
+# ----- operations ---------------------------------------------------------------------------------------------
+def _caption_images(config: "Config", max_prompt_chars: int) -> dict[str, Any]:
+    either = {"oneOf": [_ref("CaptionResponse"), _ref("ErrorBody")]}
+    return {
+        "tags": ["captions"],
+        "operationId": "captionImages",
+        "summary": "Caption and tag uploaded images",
+        "description": (
+            "One result per uploaded file, in upload order: a caption with its tags, or that file's error. "
+            "The other files of a request are captioned even when some fail. Results are cached (keyed on the "
+            "image's SHA-256 and the model configuration); `cached` says whether this one came from the cache.\n\n"
+            "When no file could be captioned, the status is the files' common error status (400, 413, 415, or "
+            "500 when the model failed), else 400, with the same body as a 200."),
+        "parameters": [_ref("RequestId", "parameters")],
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array", "minItems": 1, "maxItems": config.max_files_per_request,
+                            "items": {"type": "string", "format": "binary"},
+                            "description": (
+                                f"One or more image files (JPEG, PNG, WebP, GIF, BMP, TIFF; HEIC/AVIF when the "
+                                f"plugin is installed). At most {config.max_files_per_request} files "
+                                f"(MAX_FILES_PER_REQUEST), {config.max_file_bytes} bytes each (MAX_FILE_BYTES), "
+                                f"{config.max_image_pixels} pixels each (MAX_IMAGE_PIXELS) and "
+                                f"{config.max_request_bytes} bytes in all (MAX_REQUEST_BYTES). The format is "
+                                f"read from the bytes; the filename is echoed back as data only."),
+                        },
+                        "prompt": {
+                            "type": "string", "maxLength": max_prompt_chars,
+                            "description": ("Overrides the server's default prompt for this request; empty (or "
+                                            "only spaces) means the default."),
+                        },
+                    },
+                },
+            }},
+        },
+        "responses": {
+            "200": _json("At least one file was captioned.", _ref("CaptionResponse")),
+            "400": _json("No file could be captioned (bad input), or the request is malformed: `no_images`, "
+                         "`prompt_too_long`, `bad_request`.", either),
+            "413": _json("No file could be captioned (too large), or the request is too large: "
+                         "`too_many_files`, `request_too_large`.", either),
+            "415": _json("No file could be captioned: none is an image in an accepted format.",
+                         _ref("CaptionResponse")),
+            "500": _json("Every file's caption failed in the model (`captioning_failed` per file), or an "
+                         "unexpected fault (`internal_error`).", either),
+            "503": _json("`not_ready` (the model is loading) or `overloaded` (too much queued work).",
+                         _ref("ErrorBody"), retry_after=True),
+        },
+    }
+
+
+def _reset_redis(method: str, admin: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "tags": ["cache"],
+        "operationId": f"resetRedis{method.title()}",
+        "summary": "Delete this service's cache entries",
+        "description": ("Deletes the keys under CACHE_PREFIX only (never FLUSHDB or FLUSHALL). GET and POST do "
+                        "the same." + (" Needs `Authorization: Bearer <ADMIN_TOKEN>`." if admin else
+                                       " ADMIN_TOKEN is not set on this server, so no token is needed.")),
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {
+            "200": _json("The cache was cleared.", _ref("ResetResponse")),
+            "503": _json("`cache_unavailable`: Redis could not be reached.", _ref("ErrorBody")),
+        },
+    }
+    if admin:
+        operation["security"] = [{"adminToken": []}]
+        operation["responses"]["401"] = _json("`unauthorized`: the bearer token is missing or wrong.",
+                                              _ref("ErrorBody"))
+    else:
+        operation["security"] = []
+    return operation
+
+
+def _healthz() -> dict[str, Any]:
+    return {
+        "tags": ["operations"], "operationId": "healthz", "summary": "Liveness: the process answers",
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {"200": _json("The process is alive.", _ref("Health"))},
+    }
+
+
+def _readyz() -> dict[str, Any]:
+    return {
+        "tags": ["operations"], "operationId": "readyz",
+        "summary": "Readiness: the model is loaded and warmed up",
+        "description": ("200 once the model is loaded and a warm-up caption has run, else 503. Either way the "
+                        "body says which model, where it runs, and the cache's state; `cache.redis_reachable` "
+                        "is a live PING of Redis (null when the backend is not Redis)."),
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {
+            "200": _json("Ready to caption.", _ref("Ready")),
+            "503": _json("Starting (model loading or warming up) or failed.", _ref("NotReady")),
+        },
+    }
+
+
+def _metrics() -> dict[str, Any]:
+    return {
+        "tags": ["operations"], "operationId": "metrics", "summary": "Prometheus metrics",
+        "description": ("The Prometheus text exposition format: caption_http_requests_total, "
+                        "caption_http_request_duration_seconds, caption_images_total, caption_cache_requests_total, "
+                        "caption_batch_size, caption_generate_duration_seconds, caption_queue_images, "
+                        "caption_model_load_seconds, caption_redis_up."),
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {"200": {
+            "description": "The metrics.",
+            "headers": _headers(),
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }},
+    }
+
+
+def _openapi_json() -> dict[str, Any]:
+    return {
+        "tags": ["operations"], "operationId": "openapi", "summary": "This document",
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {"200": _json("The OpenAPI document.", {"type": "object", "required": ["openapi", "paths"]})},
+    }
+
+
+def _index() -> dict[str, Any]:
+    return {
+        "tags": ["operations"], "operationId": "demoPage", "summary": "The browser demo page",
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {"200": {
+            "description": "An HTML page to try the service.",
+            "headers": _headers(),
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }},
+    }
+
+
+# ----- components ---------------------------------------------------------------------------------------------
+def _components(admin: bool) -> dict[str, Any]:
+    nullable_string = {"type": "string", "nullable": True}
+    components: dict[str, Any] = {
+        "schemas": {
+            "ErrorBody": {
+                "type": "object", "additionalProperties": False, "required": ["error"],
+                "properties": {"error": _ref("Error")},
+                "description": "Every error that is not about one file of a request.",
+            },
+            "Error": {
+                "type": "object", "additionalProperties": False, "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": list(REQUEST_ERROR_CODES),
+                             "description": _code_table(REQUEST_ERROR_CODES)},
+                    "message": {"type": "string", "minLength": 1, "description": "For a person; may change."},
+                },
+            },
+            "FileError": {
+                "type": "object", "additionalProperties": False, "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": list(FILE_ERROR_CODES),
+                             "description": _code_table(FILE_ERROR_CODES)},
+                    "message": {"type": "string", "minLength": 1, "description": "For a person; may change."},
+                },
+            },
+            "CaptionResult": {
+                "type": "object", "additionalProperties": False,
+                "required": ["filename", "caption", "tags", "cached"],
+                "properties": {
+                    "filename": {"type": "string", "description": "As uploaded (data only; may be empty)."},
+                    "caption": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"},
+                             "description": "Lower case, multi-word tags joined with `_`, no duplicates."},
+                    "cached": {"type": "boolean", "description": "Whether the answer came from the cache."},
+                },
+            },
+            "FileErrorResult": {
+                "type": "object", "additionalProperties": False, "required": ["filename", "error"],
+                "properties": {"filename": {"type": "string"}, "error": _ref("FileError")},
+            },
+            "CaptionResponse": {
+                "type": "object", "additionalProperties": False, "required": ["results", "model"],
+                "properties": {
+                    "results": {"type": "array", "minItems": 1,
+                                "items": {"oneOf": [_ref("CaptionResult"), _ref("FileErrorResult")]},
+                                "description": "One per uploaded file, in upload order."},
+                    "model": _ref("Model"),
+                },
+            },
+            "Model": {
+                "type": "object", "additionalProperties": False, "required": ["family", "id"],
+                "properties": {"family": {"type": "string", "enum": list(FAMILY_FLAGS)},
+                               "id": {"type": "string", "description": "Hugging Face id or local folder."}},
+            },
+            "ResetResponse": {
+                "type": "object", "additionalProperties": False, "required": ["message", "deleted"],
+                "properties": {"message": {"type": "string", "enum": ["Redis cache cleared"]},
+                               "deleted": {"type": "integer", "minimum": 0}},
+            },
+            "Health": {
+                "type": "object", "additionalProperties": False, "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+            },
+            "CacheState": {
+                "type": "object", "additionalProperties": False, "required": ["backend", "redis_reachable"],
+                "properties": {
+                    "backend": {"type": "string", "nullable": True, "enum": ["redis", "memory", "off", None],
+                                "description": "null until the cache is opened during start-up."},
+                    "redis_reachable": {"type": "boolean", "nullable": True,
+                                        "description": "A live PING; null unless the backend is redis."},
+                },
+            },
+            "Ready": {
+                "type": "object", "additionalProperties": False,
+                "required": ["status", "model", "device", "dtype", "revision", "cache", "default_prompt"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ready"]},
+                    "model": _ref("Model"),
+                    "device": {"type": "string", "description": "e.g. cpu, cuda:0, mps"},
+                    "dtype": {"type": "string", "description": "e.g. float32, float16, bfloat16"},
+                    "revision": nullable_string,
+                    "cache": _ref("CacheState"),
+                    "default_prompt": nullable_string,
+                },
+            },
+            "NotReady": {
+                "type": "object", "additionalProperties": False,
+                "required": ["status", "model", "cache", "default_prompt"],
+                "description": "device, dtype and revision appear once the model is being loaded.",
+                "properties": {
+                    "status": {"type": "string", "enum": ["starting", "failed"]},
+                    "model": _ref("Model"),
+                    "device": {"type": "string"},
+                    "dtype": {"type": "string"},
+                    "revision": nullable_string,
+                    "cache": _ref("CacheState"),
+                    "default_prompt": nullable_string,
+                },
+            },
+        },
+        "parameters": {
+            "RequestId": {
+                "name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"},
+                "description": ("Your own request id, kept (and logged) when it is 1-128 printable characters; "
+                                "otherwise the server makes one. Returned in the X-Request-ID response header."),
+            },
+        },
+        "headers": {
+            "X-Request-ID": {"required": True, "schema": {"type": "string", "minLength": 1},
+                             "description": "The request's id, as in the server's log lines."},
+            "Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0},
+                            "description": "Seconds to wait before retrying."},
+        },
+    }
+    if admin:
+        components["securitySchemes"] = {"adminToken": {
+            "type": "http", "scheme": "bearer", "description": "The server's ADMIN_TOKEN."}}
+    return components
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------
+def _ref(name: str, section: str = "schemas") -> dict[str, str]:
+    return {"$ref": f"#/components/{section}/{name}"}
+
+
+def _headers(retry_after: bool = False) -> dict[str, Any]:
+    headers = {"X-Request-ID": _ref("X-Request-ID", "headers")}
+    if retry_after:
+        headers["Retry-After"] = _ref("Retry-After", "headers")
+    return headers
+
+
+def _json(description: str, schema: dict[str, Any], *, retry_after: bool = False) -> dict[str, Any]:
+    return {"description": description, "headers": _headers(retry_after),
+            "content": {"application/json": {"schema": schema}}}
+
+
+def _code_table(codes: dict[str, tuple[int | None, str]]) -> str:
+    return "\n".join(f"- `{code}` ({status or 'various'}): {meaning}" for code, (status, meaning) in codes.items())
+
+
+def _api_description() -> str:
+    return (
+        "Captions uploaded images with one vision-language model and turns each caption into search tags. "
+        "Every error body is JSON with a stable `code` and a human `message`: `{\"error\": {\"code\", "
+        "\"message\"}}`, or, for one file of a caption request, `{\"filename\", \"error\": {\"code\", "
+        "\"message\"}}` in that file's place. Every response carries an X-Request-ID header.\n\n"
+        "Error codes:\n" + _code_table(ERROR_CODES))
