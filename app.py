@@ -7,6 +7,7 @@ Flask lives here and nowhere else; the data path is in service.py.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import signal
 import sys
@@ -42,7 +43,10 @@ def create_app(config: Config | None = None, *, service: CaptionService | None =
     service = service or CaptionService(config, **collaborators)
     app = Flask(__name__)
     app.config.update(
-        MAX_CONTENT_LENGTH=config.max_request_bytes,  # werkzeug refuses larger bodies before reading them
+        # werkzeug refuses larger bodies before reading them. +1: behind a server that sets
+        # wsgi.input_terminated (waitress does), werkzeug's stream raises 413 as soon as the parser reads at the
+        # limit, so a body of exactly MAX_REQUEST_BYTES would be refused; waitress already refuses larger ones.
+        MAX_CONTENT_LENGTH=config.max_request_bytes + 1,
         MAX_FORM_PARTS=config.max_files_per_request + 16,  # a few text fields besides the files
         JSON_SORT_KEYS=False,
     )
@@ -186,19 +190,22 @@ def _service_error(error: ServiceError) -> Response:
 
 
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
-              415: "unsupported_media_type", 431: "headers_too_large"}
+              415: "unsupported_media_type", 431: "headers_too_large", 501: "not_implemented"}
 
 
 def _http_error(error: HTTPException) -> Response:
     status = error.code or 500
     message = error.description or error.name
     if status == 413:
-        limit = get_service().config.max_request_bytes
-        message = (f"the request is larger than {limit} bytes (MAX_REQUEST_BYTES) or has too many parts; "
-                   f"send fewer or smaller files per request")
+        message = _too_large_message(get_service().config.max_request_bytes)
     headers = dict(error.get_headers()) if status == 405 else {}
     headers.pop("Content-Type", None)
     return _error_response(status, HTTP_CODES.get(status, "http_error"), message, headers)
+
+
+def _too_large_message(limit: int) -> str:
+    return (f"the request is larger than {limit} bytes (MAX_REQUEST_BYTES) or has too many parts; "
+            f"send fewer or smaller files per request")
 
 
 def _unexpected_error(error: Exception) -> Response:
@@ -218,8 +225,11 @@ def make_server(app: Flask, config: Config) -> Any:
 
         def execute(self) -> None:
             error = self.request.error
-            body = (f'{{"error": {{"code": "{HTTP_CODES.get(error.code, "bad_request")}", '
-                    f'"message": "{error.reason.lower()}: {error.body.replace(chr(34), chr(39))}"}}}}').encode()
+            # error.body can quote the client's own bytes (a malformed header line): json.dumps escapes them.
+            message = (_too_large_message(config.max_request_bytes) if error.code == 413
+                       else f"{error.reason.lower()}: {error.body}")
+            body = json.dumps({"error": {"code": HTTP_CODES.get(error.code, "bad_request"),
+                                         "message": message}}).encode()
             self.status = f"{error.code} {error.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
             # These never reach Flask (_finish_request); every response carries a request id, these too.

@@ -166,6 +166,9 @@ class Batcher(Generic[R]):
             if not isinstance(outcome, BaseException):
                 try:
                     results: list[Any] | BaseException = self.postprocess(batch, outcome)
+                    if len(results) != len(batch):  # else results[index] below kills this thread: every later
+                        raise CaptioningError(  # request would wait forever
+                            f"post-processing returned {len(results)} results for {len(batch)} images")
                 except BaseException as exc:  # noqa: BLE001
                     log.exception("Post-processing a batch of %d captions failed", len(batch))
                     results = exc

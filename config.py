@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -79,11 +80,12 @@ class Config:
     def __post_init__(self) -> None:
         problems = []
         if self.family not in FAMILY_FLAGS:
-            problems.append(f"unknown model family {self.family!r} (choose one of {', '.join(FAMILY_FLAGS)})")
-        if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.startswith("cuda:")):
-            problems.append(f"--device must be one of auto, cpu, cuda, cuda:N, mps, not {self.device!r}")
+            problems.append(f"unknown model family {self.family!r} (MODEL_FAMILY or one of the flags "
+                            f"{', '.join(FAMILY_FLAGS.values())}; choose one of {', '.join(FAMILY_FLAGS)})")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            problems.append(f"{_describe('device')} must be one of auto, cpu, cuda, cuda:N, mps, not {self.device!r}")
         if self.dtype not in DTYPES:
-            problems.append(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+            problems.append(f"{_describe('dtype')} must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.cache_backend not in CACHE_BACKENDS:
             problems.append(f"CACHE_BACKEND must be one of {', '.join(CACHE_BACKENDS)}, not {self.cache_backend!r}")
         if self.log_format not in ("text", "json"):
@@ -93,6 +95,9 @@ class Config:
                      "memory_cache_max_entries"):
             if getattr(self, name) <= 0:
                 problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
+        if self.max_queue_images < self.max_files_per_request:
+            problems.append(f"MAX_QUEUE_IMAGES ({self.max_queue_images}) must be at least MAX_FILES_PER_REQUEST "
+                            f"({self.max_files_per_request}), or a full request could never be accepted")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("MIN_NEW_TOKENS must be between 0 and MAX_NEW_TOKENS")
         if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0 or self.cache_lock_seconds <= 0:
@@ -116,8 +121,9 @@ class Config:
 
 
 def _describe(name: str) -> str:
+    """How a setting is named in messages: its flag and its variable, since either may have set it."""
     s: Setting = _settings()[name]
-    return s.flag or s.env
+    return f"{s.flag} ({s.env})" if s.flag else s.env
 
 
 def _settings() -> dict[str, Setting]:
@@ -181,11 +187,10 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         if flag_value is not None:
             values[f.name] = flag_value
             continue
-        raw = environ.get(s.env)
-        if raw is None:
-            raw = dotenv.get(s.env)
-        if raw is None or raw.strip() == "":
-            continue  # an empty variable means "use the default", as in .env.example
+        # An empty variable means "not set" (as in .env.example): the next source down decides.
+        raw = environ.get(s.env, "").strip() or dotenv.get(s.env, "").strip()
+        if not raw:
+            continue
         try:
             values[f.name] = _converter(f)(raw.strip())
         except ValueError as exc:

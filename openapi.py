@@ -42,6 +42,7 @@ REQUEST_ERROR_CODES: dict[str, tuple[int | None, str]] = {
     "headers_too_large": (431, "the request headers are too large"),
     "http_error": (None, "any other HTTP-level refusal, with its own HTTP status"),
     "internal_error": (500, "an unexpected server fault (logged; no details are returned)"),
+    "not_implemented": (501, "an HTTP feature the server does not implement (an unknown Transfer-Encoding)"),
     "not_ready": (503, "the model is still loading; retry after Retry-After seconds"),
     "overloaded": (503, "more images are queued than MAX_QUEUE_IMAGES; retry after Retry-After seconds"),
     "cache_unavailable": (503, "/reset-redis could not reach Redis"),
