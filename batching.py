@@ -13,8 +13,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 from errors import CaptioningError, OverloadedError
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+EXPECT_WAIT_FACTOR = 10  # a batch waits at most this many times max_wait_s for announced images
 ForwardFn = Callable[[list[Any], "str | None"], list[str]]
 
 
@@ -55,6 +57,7 @@ class Batcher(Generic[R]):
         self._done: deque[tuple[list[Job], list[str] | BaseException]] = deque()
         self._cond = threading.Condition()
         self._done_cond = threading.Condition()
+        self._expected = 0  # images announced by requests that are still hashing/decoding them
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
@@ -79,6 +82,19 @@ class Batcher(Generic[R]):
     def pending(self) -> int:
         """Images submitted and not yet answered."""
         return len(self._inflight)
+
+    @contextmanager
+    def expecting(self, count: int) -> Iterator[None]:
+        """Announce `count` images about to be submitted (being hashed and decoded): a forming batch waits
+        for them, up to `max_wait_s * EXPECT_WAIT_FACTOR`, instead of leaving without them."""
+        with self._cond:
+            self._expected += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._expected -= count
+                self._cond.notify_all()
 
     def in_flight(self, keys: Iterable[str]) -> set[str]:
         """Which of these keys are queued or being captioned right now."""
@@ -139,12 +155,14 @@ class Batcher(Generic[R]):
                 self._cond.wait()
             prompt = self._queue[0].prompt
             deadline = self._queue[0].enqueued + self.max_wait_s
+            hard_deadline = self._queue[0].enqueued + self.max_wait_s * EXPECT_WAIT_FACTOR
             while not self._stopping:
                 same = sum(1 for job in self._queue if job.prompt == prompt)
-                remaining = deadline - time.monotonic()
-                if same >= self.max_batch_size or remaining <= 0:
+                now = time.monotonic()
+                # Leave when full; after max_wait_s unless more images are announced; never after the hard cap.
+                if same >= self.max_batch_size or now >= hard_deadline or (now >= deadline and not self._expected):
                     break
-                self._cond.wait(remaining)
+                self._cond.wait((deadline if now < deadline else hard_deadline) - now)
             batch: list[Job] = []
             rest: deque[Job] = deque()
             for job in self._queue:

@@ -6,9 +6,10 @@ answers one request. Request threads hash, look up and decode; only the batcher'
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -58,6 +59,7 @@ class CaptionService:
         self.params = GenerationParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
         self.limits = ImageLimits(max_file_bytes=config.max_file_bytes, max_pixels=config.max_image_pixels)
         self.batcher: Batcher | None = None
+        self._decoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
         self.state = "starting"  # starting -> ready, or failed
         self._ready = threading.Event()
 
@@ -108,6 +110,7 @@ class CaptionService:
         """Finish queued work and close the cache."""
         if self.batcher:
             self.batcher.stop()
+        self._decoder.shutdown(wait=False)
         if self.cache:
             self.cache.close()
 
@@ -156,34 +159,69 @@ class CaptionService:
         prompt = prompt or self.config.caption_prompt or None
         config_fp = self.config_fingerprint(prompt)
         answer = _Answer(uploads)
-        keys: dict[int, str] = {}
-        for index, upload in enumerate(uploads):
-            if len(upload.data) > self.limits.max_file_bytes:  # don't even hash what we will refuse
-                answer.fail(index, FileTooLargeError(f"file is {len(upload.data)} bytes; the limit is "
-                                                     f"{self.limits.max_file_bytes} (MAX_FILE_BYTES)"))
-            else:
-                keys[index] = cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data))
-        cached = self.cache.get_many(list(keys.values()))
-        hits = sum(value is not None for value in cached)
-        self.metrics.cache_requests.labels("hit").inc(hits)
-        self.metrics.cache_requests.labels("miss").inc(len(cached) - hits)
-        misses: dict[int, tuple[str, Any]] = {}
-        for (index, key), value in zip(keys.items(), cached):
-            if value is not None:
-                answer.succeed(index, value, cached=True)
-                continue
-            try:  # decoded here, in the request thread, while the model works on other requests
-                misses[index] = (key, decode_image(uploads[index].data, self.limits))
-            except BadImageError as exc:
-                answer.fail(index, exc)
-        if misses:
-            self._caption_misses(misses, prompt, answer)
+        futures: dict[int, Future] = {}
+        elsewhere: dict[int, tuple[str, Any]] = {}
+        mine: list[str] = []
+        # Announce the files before hashing and decoding them, so that a batch forming in the model thread
+        # waits for them instead of leaving without them.
+        with self.batcher.expecting(len(uploads)):
+            keys: dict[int, str] = {}
+            for index, upload in enumerate(uploads):
+                if len(upload.data) > self.limits.max_file_bytes:  # don't even hash what we will refuse
+                    answer.fail(index, FileTooLargeError(f"file is {len(upload.data)} bytes; the limit is "
+                                                         f"{self.limits.max_file_bytes} (MAX_FILE_BYTES)"))
+                else:
+                    keys[index] = cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data))
+            cached = self.cache.get_many(list(keys.values()))
+            hits = sum(value is not None for value in cached)
+            self.metrics.cache_requests.labels("hit").inc(hits)
+            self.metrics.cache_requests.labels("miss").inc(len(cached) - hits)
+            missing: list[int] = []
+            for (index, key), value in zip(keys.items(), cached):
+                if value is not None:
+                    answer.succeed(index, value, cached=True)
+                else:
+                    missing.append(index)
+            misses: dict[int, tuple[str, Any]] = {}
+            for index, decoded in zip(missing, self._decode([uploads[i].data for i in missing])):
+                if isinstance(decoded, BadImageError):
+                    answer.fail(index, decoded)
+                else:
+                    misses[index] = (keys[index], decoded)
+            if misses:
+                futures, elsewhere, mine = self._claim_and_submit(misses, prompt, answer)
+        try:
+            if elsewhere:
+                futures.update(self._submit(self._await_other_replicas(elsewhere, answer), prompt))
+            for index, future in futures.items():
+                try:
+                    answer.succeed(index, future.result(), cached=False)
+                except ServiceError as exc:
+                    answer.fail(index, exc)
+                except Exception as exc:  # noqa: BLE001 - a model fault is reported per file, never a traceback
+                    answer.fail(index, ServiceError(f"captioning failed: {type(exc).__name__}",
+                                                    code="captioning_failed"))
+        finally:
+            self.cache.unlock_many(mine)
         for outcome, count in answer.outcomes().items():
             self.metrics.images.labels(outcome).inc(count)
         return answer.results, answer.status()
 
-    def _caption_misses(self, misses: dict[int, tuple[str, Any]], prompt: str | None, answer: "_Answer") -> None:
-        """Caption what no cache had: here, or by waiting for the replica that is captioning it already."""
+    def _decode(self, blobs: list[bytes]) -> list[Any]:
+        """Decoded images (or the BadImageError of each file), in parallel: Pillow decodes without the GIL."""
+        def decode(data: bytes) -> Any:
+            try:
+                return decode_image(data, self.limits)
+            except BadImageError as exc:
+                return exc
+
+        if len(blobs) <= 1:
+            return [decode(data) for data in blobs]
+        return list(self._decoder.map(decode, blobs))
+
+    def _claim_and_submit(self, misses: dict[int, tuple[str, Any]], prompt: str | None, answer: "_Answer"
+                          ) -> tuple[dict[int, Future], dict[int, tuple[str, Any]], list[str]]:
+        """Claim the misses across replicas and queue ours; returns (futures, claimed elsewhere, our claims)."""
         in_flight = self.batcher.in_flight(key for key, _ in misses.values())
         to_claim = list(dict.fromkeys(key for key, _ in misses.values() if key not in in_flight))
         claims = dict(zip(to_claim, self.cache.try_lock_many(to_claim, self.config.cache_lock_seconds)))
@@ -198,20 +236,10 @@ class CaptionService:
                     del misses[index]
             local = {i: m for i, m in misses.items() if claims.get(m[0], True)}
             elsewhere = {i: m for i, m in misses.items() if not claims.get(m[0], True)}
-            futures = self._submit(local, prompt)
-            if elsewhere:
-                orphaned = self._await_other_replicas(elsewhere, answer)
-                futures.update(self._submit(orphaned, prompt))
-            for index, future in futures.items():
-                try:
-                    answer.succeed(index, future.result(), cached=False)
-                except ServiceError as exc:
-                    answer.fail(index, exc)
-                except Exception as exc:  # noqa: BLE001 - a model fault is reported per file, never a traceback
-                    answer.fail(index, ServiceError(f"captioning failed: {type(exc).__name__}",
-                                                    code="captioning_failed"))
-        finally:
+            return self._submit(local, prompt), elsewhere, mine
+        except BaseException:
             self.cache.unlock_many(mine)
+            raise
 
     def _submit(self, misses: dict[int, tuple[str, Any]], prompt: str | None) -> dict[int, Future]:
         if not misses:

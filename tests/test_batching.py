@@ -166,6 +166,34 @@ class WaitingTest(BatcherTestCase):
         self.assertGreaterEqual(elapsed, 0.29)
         self.assertLess(elapsed, 3.0)
 
+    def test_announced_images_hold_the_batch_until_they_arrive(self) -> None:
+        batcher = self.make(max_batch_size=8, max_wait_s=0.05)
+        with batcher.expecting(1):  # another request is still decoding its image
+            [first] = batcher.submit([("a", "img-a", None)])
+            time.sleep(0.2)  # longer than max_wait_s, shorter than the hard cap (10 x max_wait_s)
+            self.assertEqual(self.model.calls, [])
+            [second] = batcher.submit([("b", "img-b", None)])
+        self.results([first, second])
+        self.assertEqual([images for images, _ in self.model.calls], [["img-a", "img-b"]])
+
+    def test_announcements_never_hold_a_batch_past_the_hard_cap(self) -> None:
+        batcher = self.make(max_batch_size=8, max_wait_s=0.02)
+        with batcher.expecting(5):
+            started = time.monotonic()
+            [future] = batcher.submit([("a", "img-a", None)])
+            future.result(RESULT_TIMEOUT)
+            elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.19)  # 10 x max_wait_s
+        self.assertLess(elapsed, 3.0)
+
+    def test_without_announcements_a_batch_leaves_after_max_wait_s(self) -> None:
+        batcher = self.make(max_batch_size=8, max_wait_s=0.05)
+        [first] = batcher.submit([("a", "img-a", None)])
+        time.sleep(0.3)
+        [second] = batcher.submit([("b", "img-b", None)])
+        self.results([first, second])
+        self.assertEqual([images for images, _ in self.model.calls], [["img-a"], ["img-b"]])
+
     def test_zero_wait_runs_at_once(self) -> None:
         batcher = self.make(max_batch_size=8, max_wait_s=0.0)
         started = time.monotonic()
