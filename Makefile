@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 RUN_HASH := $(shell cat requirements.txt | sha256sum | cut -c1-16)
 DEV_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
 
-.PHONY: run test setup setup-dev bench clean-venv
+.PHONY: run test setup setup-dev bench bench-gpu clean-venv
 
 run: setup
 	$(PY) app.py $(ARGS)
@@ -34,6 +34,9 @@ $(VENV)/.installed-dev-$(DEV_HASH):
 
 bench: setup-dev
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-gpu: setup-dev
+	bench/gpu.sh $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,105 @@
+"""The benchmark cannot rot: `bench/run.py --tiny --quick` runs every comparison end to end on the tiny checkpoint
+(real server processes, a real redis-server) and writes its JSON and Markdown; the numbers themselves are not
+judged here (CI does not run the real benchmark)."""
+from __future__ import annotations
+
+import json
+import numbers
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+from support.services import REPO_ROOT, missing_service
+
+COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "speedups")
+
+
+def _numbers(value: object) -> list[float]:
+    """Every number inside a JSON value."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, numbers.Number):
+        return [value]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+class BenchSmokeTest(unittest.TestCase):
+    """One `--tiny --quick` run into a temporary folder (never bench/RESULTS.md)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if not shutil.which("redis-server"):
+            missing_service("redis-server is not installed (apt-get install redis-server); the benchmark's "
+                            "cache-hit comparison needs it")
+        cls.out = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+        cls.process = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--tiny", "--quick", "--cache-seconds", "1",
+             "--out", str(cls.out)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+        results = cls.out / "results.json"
+        cls.results = json.loads(results.read_text()) if results.is_file() else None
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        shutil.rmtree(cls.out, ignore_errors=True)
+
+    def setUp(self) -> None:
+        self.assertIsNotNone(self.results,
+                             f"no results.json; exit {self.process.returncode}:\n{self.process.stderr[-4000:]}")
+
+    def test_run_succeeds(self) -> None:
+        self.assertEqual(self.process.returncode, 0, self.process.stderr[-4000:])
+
+    def test_every_comparison_ran_with_numbers(self) -> None:
+        comparisons = self.results["comparisons"]
+        self.assertEqual(set(comparisons), set(COMPARISONS))
+        for name in COMPARISONS:
+            with self.subTest(comparison=name):
+                outcome = comparisons[name]
+                self.assertEqual(outcome["status"], "ok", outcome.get("traceback") or outcome.get("error"))
+                self.assertTrue(_numbers(outcome), outcome)
+
+    def test_measurements(self) -> None:
+        c = self.results["comparisons"]
+        case = c["batch"]["cases"][0]
+        for path in ("loop", "batched", "http"):
+            self.assertGreater(case["images_per_s"][path], 0)
+        self.assertEqual(case["captions_equal_to_batched"], "8/8")  # the service did the same work
+        self.assertGreater(c["concurrency"]["cases"][0]["ratio_concurrent_vs_sequential"], 0)
+        self.assertTrue(c["cache"]["all_hits"])
+        self.assertGreater(c["cache"]["saturation"]["req_per_s"], 0)
+        self.assertIsInstance(c["cache"]["paced"]["latency_ms"]["p99"], float)
+        self.assertIn("bfloat16", c["dtype"]["ratio_vs_float32"])
+        for server in c["memory"]["servers"]:
+            self.assertGreater(server["peak_rss_mib"], 0)
+            self.assertGreater(server["start_to_ready_s"], 0)
+        self.assertGreater(c["flops"]["rows"][0]["matmul"]["gflop_per_s"], 0)
+        rows = {row["name"]: row for row in c["speedups"]["rows"]}
+        self.assertEqual(rows["fp32"]["status"], "ok")
+        self.assertIn(rows["sdpa"]["status"], ("ok", "unsupported"))
+
+    def test_targets_reported_not_judged(self) -> None:
+        targets = [t for c in self.results["comparisons"].values() for t in c["targets"]]
+        self.assertGreaterEqual(len(targets), 8)
+        for t in targets:
+            self.assertIsInstance(t["value"], (int, float), t)
+            self.assertFalse(t["judged"], t)
+
+    def test_markdown_written(self) -> None:
+        text = (self.out / "RESULTS.md").read_text()
+        self.assertIn("# Throughput benchmark results", text)
+        self.assertIn("Smoke run on the tests' tiny checkpoint", text)
+        for heading in ("## Summary", "## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.",
+                        "## Speed-ups tried"):
+            self.assertIn(heading, text)
+
+
+if __name__ == "__main__":
+    unittest.main()
