@@ -120,9 +120,11 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
+        """Wait for /readyz 200; if the server exits or is not ready in time, stop it and fail."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
@@ -130,6 +132,7 @@ class ServerProcess:
             except requests.RequestException:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise AssertionError(f"server not ready after {timeout} s:\n{self.log()}")
 
     def wait_exit(self, timeout: float = 60) -> int:
