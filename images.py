@@ -33,7 +33,7 @@ from errors import (
     UnsupportedFormatError,
 )
 
-__all__ = ["ALLOWED_FORMATS", "ImageLimits", "decode_image", "sha256_hex"]
+__all__ = ["ALLOWED_FORMATS", "ImageLimits", "check_size", "decode_image", "sha256_hex"]
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +140,23 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_size(data: bytes, limits: ImageLimits) -> None:
+    """Raise FileTooLargeError when the upload is over MAX_FILE_BYTES (cheap: callers check before hashing)."""
+    if len(data) > limits.max_file_bytes:
+        raise FileTooLargeError(
+            f"The file is {_bytes_text(len(data))}, over the limit of {_bytes_text(limits.max_file_bytes)} "
+            "per image (MAX_FILE_BYTES). Compress or scale the image down and upload it again.")
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Decode upload bytes into a fully loaded, detached 8-bit RGB image.
 
     Raises (all `BadImageError` subclasses): `EmptyFileError`, `FileTooLargeError`, `NotAnImageError`,
     `UnsupportedFormatError`, `TooManyPixelsError`, `CorruptImageError`.  Nothing else escapes.
     """
-    n_bytes = len(data)
-    if n_bytes == 0:
+    if not data:
         raise EmptyFileError("The file is empty (0 bytes). Choose the image file again and re-upload it.")
-    if n_bytes > limits.max_file_bytes:
-        raise FileTooLargeError(
-            f"The file is {_bytes_text(n_bytes)}, over the limit of {_bytes_text(limits.max_file_bytes)} "
-            "per image. Compress or scale the image down and upload it again.")
+    check_size(data, limits)
     _enforce_pillow_settings(limits)
     try:
         return _decode(data, limits)

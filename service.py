@@ -17,7 +17,7 @@ from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
 from captioners.base import GenerationParams
 from errors import BadImageError, FileTooLargeError, ServiceError
-from images import ImageLimits, decode_image, sha256_hex
+from images import ImageLimits, check_size, decode_image, sha256_hex
 from metrics import Metrics
 
 if TYPE_CHECKING:
@@ -167,9 +167,10 @@ class CaptionService:
         with self.batcher.expecting(len(uploads)):
             keys: dict[int, str] = {}
             for index, upload in enumerate(uploads):
-                if len(upload.data) > self.limits.max_file_bytes:  # don't even hash what we will refuse
-                    answer.fail(index, FileTooLargeError(f"file is {len(upload.data)} bytes; the limit is "
-                                                         f"{self.limits.max_file_bytes} (MAX_FILE_BYTES)"))
+                try:
+                    check_size(upload.data, self.limits)  # don't even hash what we will refuse
+                except FileTooLargeError as exc:
+                    answer.fail(index, exc)
                 else:
                     keys[index] = cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data))
             cached = self.cache.get_many(list(keys.values()))
