@@ -1,8 +1,9 @@
 """Dynamic batching in front of the model: one model thread, fed from every request thread.
 
-Request threads submit (key, image, prompt) jobs and wait on futures. The model thread takes the oldest
-job's prompt and runs up to `max_batch_size` queued jobs with that prompt in one call, after waiting at most
-`max_wait_s` for a batch to fill. Results go through a post-processing thread (tags, cache writes) so the
+Request threads submit (key, inputs, group) jobs and wait on futures: `inputs` are one image's preprocessed
+model inputs, `group` says what may share a generate call (the prompt and generation options). The model
+thread takes the oldest job's group and runs up to `max_batch_size` queued jobs of that group in one call,
+after waiting at most `max_wait_s` for a batch to fill. Results go through a post-processing thread (tags, cache writes) so the
 model thread goes straight on to the next batch. Jobs with the same key share one future (single-flight):
 identical images arriving together are captioned once.
 """
@@ -15,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 from errors import CaptioningError, OverloadedError
 
@@ -26,16 +27,16 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 EXPECT_WAIT_FACTOR = 10  # a batch waits at most this many times max_wait_s for announced images
-ForwardFn = Callable[[list[Any], "str | None"], list[str]]
+ForwardFn = Callable[[list[Any], Hashable], list[str]]
 
 
 @dataclass
 class Job:
-    """One image waiting for the model."""
+    """One image waiting for the model: its cache key, its model inputs, and what it may be batched with."""
 
     key: str
-    image: Any
-    prompt: str | None
+    inputs: Any
+    group: Hashable
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -101,8 +102,13 @@ class Batcher(Generic[R]):
         with self._cond:
             return {key for key in keys if key in self._inflight}
 
-    def submit(self, items: Sequence[tuple[str, Any, str | None]]) -> list[Future]:
-        """Queue (key, image, prompt) items; returns one future per item (shared for equal keys).
+    def join(self, keys: Iterable[str]) -> dict[str, Future]:
+        """The futures of those keys that are queued or being captioned now (their images need no decoding)."""
+        with self._cond:
+            return {key: self._inflight[key].future for key in keys if key in self._inflight}
+
+    def submit(self, items: Sequence[tuple[str, Any, Hashable]]) -> list[Future]:
+        """Queue (key, inputs, group) items; returns one future per item (shared for equal keys).
 
         Raises OverloadedError, and queues nothing, when the new images would exceed `max_queue`.
         """
@@ -112,11 +118,11 @@ class Batcher(Generic[R]):
             if new_keys and len(self._inflight) + len(new_keys) > self.max_queue:
                 raise OverloadedError(
                     f"{len(self._inflight)} images are already waiting for the model (limit MAX_QUEUE_IMAGES="
-                    f"{self.max_queue}); retry in a few seconds", headers={"Retry-After": "5"})
-            for key, image, prompt in items:
+                    f"{self.max_queue}); retry in a few seconds", retry_after=5)
+            for key, inputs, group in items:
                 job = self._inflight.get(key)
                 if job is None:
-                    job = self._inflight[key] = Job(key, image, prompt)
+                    job = self._inflight[key] = Job(key, inputs, group)
                     self._queue.append(job)
                 futures.append(job.future)
             self._cond.notify_all()
@@ -131,7 +137,7 @@ class Batcher(Generic[R]):
             outcome: list[str] | BaseException
             started = time.perf_counter()
             try:
-                outcome = self.forward([job.image for job in batch], batch[0].prompt)
+                outcome = self.forward([job.inputs for job in batch], batch[0].group)
                 if len(outcome) != len(batch):
                     raise CaptioningError(f"model returned {len(outcome)} captions for {len(batch)} images")
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
@@ -141,23 +147,23 @@ class Batcher(Generic[R]):
                 self.metrics.batch_size.observe(len(batch))
                 self.metrics.generate_seconds.observe(time.perf_counter() - started)
             for job in batch:
-                job.image = None  # free the pixels now; the job itself lives until its result is published
+                job.inputs = None  # free the tensors now; the job itself lives until its result is published
             with self._done_cond:
                 self._done.append((batch, outcome))
                 self._done_cond.notify()
 
     def _next_batch(self) -> list[Job] | None:
-        """Wait for work, let a batch fill for at most max_wait_s, and take it (one prompt per batch)."""
+        """Wait for work, let a batch fill for at most max_wait_s, and take it (one group per batch)."""
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            prompt = self._queue[0].prompt
+            group = self._queue[0].group
             deadline = self._queue[0].enqueued + self.max_wait_s
             hard_deadline = self._queue[0].enqueued + self.max_wait_s * EXPECT_WAIT_FACTOR
             while not self._stopping:
-                same = sum(1 for job in self._queue if job.prompt == prompt)
+                same = sum(1 for job in self._queue if job.group == group)
                 now = time.monotonic()
                 # Leave when full; after max_wait_s unless more images are announced; never after the hard cap.
                 if same >= self.max_batch_size or now >= hard_deadline or (now >= deadline and not self._expected):
@@ -166,7 +172,7 @@ class Batcher(Generic[R]):
             batch: list[Job] = []
             rest: deque[Job] = deque()
             for job in self._queue:
-                if job.prompt == prompt and len(batch) < self.max_batch_size:
+                if job.group == group and len(batch) < self.max_batch_size:
                     batch.append(job)
                 else:
                     rest.append(job)

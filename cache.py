@@ -2,7 +2,12 @@
 
 Keys are `<CACHE_PREFIX>:v<schema>:<fingerprint>:<sha256 of the image bytes>`. The fingerprint covers
 everything that changes the answer (model, revision, prompt, generation settings, tagger), so switching
-any of them never returns another configuration's caption. Every write sets the TTL.
+any of them never returns another configuration's caption. Every write sets the TTL. Values are results,
+`{"caption": str, "tags": [str, ...]}`; an entry read from Redis that is not one (written by something else,
+or damaged) reads as a miss, and the fresh answer overwrites it.
+
+Each backend also keeps short claims (`<key>:lock`), the primitives of the cross-replica single-flight
+protocol in claims.py: only a cache shared between processes (`shared`) needs them.
 """
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -41,6 +45,7 @@ class Cache:
     """Interface of every backend. Values are JSON-able dicts; misses and failures read as None."""
 
     backend = "off"
+    shared = False  # whether other processes read and write the same entries (then claims matter)
 
     def __init__(self, prefix: str, ttl_seconds: int) -> None:
         self.prefix = prefix
@@ -57,16 +62,15 @@ class Cache:
         """Delete this service's entries (keys under the prefix) and nothing else; returns how many."""
         return 0
 
-    def try_lock_many(self, keys: Sequence[str], ttl_seconds: float) -> list[bool]:
-        """Claim the right to caption each key across replicas; True where this process should caption it.
+    def try_lock_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[bool]:
+        """Claim each key for `owner` for `ttl_seconds`; True where the claim was free (now `owner`'s).
 
-        Backends that are not shared between processes (and a Redis that is down) grant every claim: the
-        in-process batcher already makes identical images wait for one another.
+        A backend that cannot answer (a Redis that is down) grants every claim, so that work goes on.
         """
         return [True] * len(keys)
 
-    def unlock_many(self, keys: Sequence[str]) -> None:
-        """Give up claims made by try_lock_many (only this process's own claims are removed)."""
+    def unlock_many(self, keys: Sequence[str], owner: str) -> None:
+        """Give up `owner`'s claims on these keys (another owner's claim stays)."""
 
     def peek_many(self, keys: Sequence[str]) -> list[tuple[dict[str, Any] | None, bool]]:
         """For keys claimed by another replica: (value if stored, whether the claim is still held)."""
@@ -93,6 +97,7 @@ class MemoryCache(Cache):
         super().__init__(prefix, ttl_seconds)
         self.max_entries = max_entries
         self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._claims: dict[str, tuple[str, float]] = {}  # key -> (owner, expiry), as Redis holds `<key>:lock`
         self._lock = threading.Lock()
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
@@ -125,6 +130,30 @@ class MemoryCache(Cache):
                 del self._items[key]
         return len(mine)
 
+    def try_lock_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[bool]:
+        now = time.monotonic()
+        granted = []
+        with self._lock:
+            for key in keys:
+                holder = self._claims.get(key)
+                free = holder is None or holder[1] <= now
+                if free:
+                    self._claims[key] = (owner, now + ttl_seconds)
+                granted.append(free)
+        return granted
+
+    def unlock_many(self, keys: Sequence[str], owner: str) -> None:
+        with self._lock:
+            for key in keys:
+                if self._claims.get(key, ("",))[0] == owner:
+                    del self._claims[key]
+
+    def peek_many(self, keys: Sequence[str]) -> list[tuple[dict[str, Any] | None, bool]]:
+        now = time.monotonic()
+        values = self.get_many(keys)
+        with self._lock:
+            return [(value, key in self._claims and self._claims[key][1] > now) for key, value in zip(keys, values)]
+
 
 class RedisCache(Cache):
     """Redis-backed cache that fails open: while Redis is down, lookups miss and writes are skipped.
@@ -134,12 +163,12 @@ class RedisCache(Cache):
     """
 
     backend = "redis"
+    shared = True
 
     def __init__(self, client: "redis.Redis", prefix: str, ttl_seconds: int, *, retry_interval: float = 1.0,
                  metrics: "Metrics | None" = None, target: str = "redis") -> None:
         super().__init__(prefix, ttl_seconds)
         self.client = client
-        self.owner = uuid.uuid4().hex  # whose claims (locks) are whose, when replicas share a Redis
         self._unlock = client.register_script(_UNLOCK_SCRIPT)
         self.retry_interval = retry_interval
         self.metrics = metrics
@@ -195,11 +224,11 @@ class RedisCache(Cache):
         self._mark_up()
         return deleted
 
-    def try_lock_many(self, keys: Sequence[str], ttl_seconds: float) -> list[bool]:
+    def try_lock_many(self, keys: Sequence[str], owner: str, ttl_seconds: float) -> list[bool]:
         def claim() -> list[bool]:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
-                pipe.set(_lock_key(key), self.owner, nx=True, px=int(ttl_seconds * 1000))
+                pipe.set(_lock_key(key), owner, nx=True, px=int(ttl_seconds * 1000))
             return [bool(ok) for ok in pipe.execute()]
 
         if not keys:
@@ -207,11 +236,11 @@ class RedisCache(Cache):
         granted = self._guard(claim, None)
         return granted if granted is not None else [True] * len(keys)  # Redis down: caption locally
 
-    def unlock_many(self, keys: Sequence[str]) -> None:
+    def unlock_many(self, keys: Sequence[str], owner: str) -> None:
         def release() -> None:
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
-                self._unlock(keys=[_lock_key(key)], args=[self.owner], client=pipe)
+                self._unlock(keys=[_lock_key(key)], args=[owner], client=pipe)
             pipe.execute()
 
         if keys:
@@ -342,13 +371,20 @@ def open_cache(config: "Config", metrics: "Metrics | None" = None) -> Cache:
 
 
 def _loads(value: str | None) -> dict[str, Any] | None:
+    """A stored result, or None: a missing, damaged or wrong-shaped entry is a miss (and is overwritten)."""
     if value is None:
         return None
     try:
         loaded = json.loads(value)
     except ValueError:
-        return None  # a damaged entry is a miss; it is overwritten by the fresh answer
-    return loaded if isinstance(loaded, dict) else None
+        return None
+    return loaded if is_result(loaded) else None
+
+
+def is_result(value: Any) -> bool:
+    """Whether a value has the shape of a stored result: a caption string and a list of tag strings."""
+    return (isinstance(value, dict) and isinstance(value.get("caption"), str)
+            and isinstance(value.get("tags"), list) and all(isinstance(tag, str) for tag in value["tags"]))
 
 
 def _glob_escape(text: str) -> str:

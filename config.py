@@ -72,6 +72,21 @@ class Config:
     max_files_per_request: int = _setting(32, "MAX_FILES_PER_REQUEST")
     max_file_bytes: int = _setting(20 * MiB, "MAX_FILE_BYTES")
     max_image_pixels: int = _setting(50_000_000, "MAX_IMAGE_PIXELS")
+    decode_budget_pixels: int = _setting(0, "DECODE_BUDGET_PIXELS", None,
+                                         "pixels decoded and preprocessed at once, all requests together "
+                                         "(0: MAX_IMAGE_PIXELS); more waits for room")
+    header_timeout_seconds: float = _setting(10.0, "HEADER_TIMEOUT_SECONDS", None,
+                                             "a request's headers must arrive within this time")
+    body_timeout_seconds: float = _setting(120.0, "BODY_TIMEOUT_SECONDS", None,
+                                           "a request's body must arrive within this time after its headers")
+    idle_timeout_seconds: float = _setting(30.0, "IDLE_TIMEOUT_SECONDS", None,
+                                           "an idle keep-alive connection is closed after this time")
+    connection_limit: int = _setting(1000, "CONNECTION_LIMIT", None, "open client connections at most")
+    allowed_hosts: str | None = _setting(None, "ALLOWED_HOSTS", None,
+                                         "Host names accepted, comma-separated (.example.com for subdomains, * "
+                                         "for any); default: the loopback names and HOST")
+    shutdown_grace_seconds: float = _setting(30.0, "SHUTDOWN_GRACE_SECONDS", None,
+                                             "on SIGTERM/SIGINT, how long accepted requests may take to finish")
     spacy_model: str | None = _setting(None, "SPACY_MODEL")
     log_level: str = _setting("INFO", "LOG_LEVEL")
     log_format: str = _setting("text", "LOG_FORMAT", None, "text or json")
@@ -92,7 +107,8 @@ class Config:
             problems.append(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in ("max_new_tokens", "max_batch_size", "port", "threads", "cache_ttl_seconds", "max_request_bytes",
                      "max_files_per_request", "max_file_bytes", "max_image_pixels", "max_queue_images",
-                     "memory_cache_max_entries"):
+                     "memory_cache_max_entries", "connection_limit", "header_timeout_seconds",
+                     "body_timeout_seconds", "idle_timeout_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
         if self.max_queue_images < self.max_files_per_request:
@@ -100,6 +116,8 @@ class Config:
                             f"({self.max_files_per_request}), or a full request could never be accepted")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("MIN_NEW_TOKENS must be between 0 and MAX_NEW_TOKENS")
+        if self.decode_budget_pixels < 0 or self.shutdown_grace_seconds < 0:
+            problems.append("DECODE_BUDGET_PIXELS and SHUTDOWN_GRACE_SECONDS must be >= 0")
         if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0 or self.cache_lock_seconds <= 0:
             problems.append("BATCH_WAIT_MS must be >= 0, REDIS_TIMEOUT_SECONDS and CACHE_LOCK_SECONDS > 0")
         if problems:
@@ -114,6 +132,26 @@ class Config:
             parts = urlsplit(self.redis_url)
             return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def trusted_hosts(self) -> list[str] | None:
+        """The Host names requests may carry (None: any). By default the loopback names and HOST itself, and
+        for a wildcard HOST this machine's own names, so that a DNS-rebinding page cannot borrow the service."""
+        if self.allowed_hosts:
+            names = [name.strip().lower() for name in self.allowed_hosts.split(",") if name.strip()]
+            return None if "*" in names else names
+        names = ["localhost", "127.0.0.1", "[::1]"]
+        if self.host in ("0.0.0.0", "::", ""):
+            import socket
+
+            names += [socket.gethostname().lower(), socket.getfqdn().lower()]
+            try:
+                names += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+            except OSError:
+                pass
+        else:
+            names.append(self.host.lower())
+        return [f"[{name}]" if ":" in name and not name.startswith("[") else name for name in dict.fromkeys(names)]
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some settings changed (validated again)."""

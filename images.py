@@ -16,9 +16,12 @@ import logging
 import math
 import re
 import struct
+import threading
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError, features
@@ -33,7 +36,8 @@ from errors import (
     UnsupportedFormatError,
 )
 
-__all__ = ["ALLOWED_FORMATS", "ImageLimits", "check_size", "decode_image", "sha256_hex"]
+__all__ = ["ALLOWED_FORMATS", "ImageLimits", "PixelBudget", "check_size", "decode_image", "declared_pixels",
+           "sha256_hex"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +178,45 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise CorruptImageError(
             f"The image could not be decoded ({_exc_text(exc)}). Re-save it as JPEG or PNG and upload it "
             "again.") from exc
+
+
+def declared_pixels(data: bytes, limits: ImageLimits = ImageLimits()) -> int:
+    """The pixel count an upload's header declares (width x height), without decoding; 0 when unreadable."""
+    _enforce_pillow_settings(limits)
+    try:
+        with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # not an image, damaged, or a bomb: decode_image says which
+        return 0
+
+
+class PixelBudget:
+    """Bounds the pixels of the images being decoded and preprocessed at once, process-wide.
+
+    A caller holds an image's pixel count from before decoding until its full-size pixels are dropped (after
+    preprocessing); when the budget is spent, the next caller waits for room instead of growing memory. A
+    single image larger than the whole budget waits until it is alone.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Reserve `pixels` (waiting for room) for the duration of the block."""
+        pixels = max(0, min(pixels, self.capacity))
+        with self._cond:
+            while self.in_use and self.in_use + pixels > self.capacity:
+                self._cond.wait()
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
 
 
 # --------------------------------------------------------------------------- decoding

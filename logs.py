@@ -39,15 +39,32 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """Human-readable lines; the request id, when there is one, in brackets."""
+    """Human-readable lines; the request id, when there is one, in brackets.
+
+    A message is one line whatever a client put into it (a path, a header): control characters are escaped,
+    so that nobody can forge a log line with CR/LF. Tracebacks, which come from the program, stay as they are.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
-        record.rid = f" [{rid}]" if rid else ""
+        record.rid = f" [{escape_controls(str(rid))}]" if rid else ""
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its C0 control characters (CR, LF, ESC, ...) and DEL written as escapes."""
+    return text.translate(_CONTROLS)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from config import FAMILY_FLAGS
+from errors import HttpError, description, error_classes
 
 if TYPE_CHECKING:
     from config import Config
@@ -17,36 +18,15 @@ if TYPE_CHECKING:
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1.0.0"
 
-# code -> (HTTP status it comes with, when). Per-file codes appear in a result's `error`, the others in an
-# ErrorBody; a request whose files all failed answers with the files' common status (else 400).
-FILE_ERROR_CODES: dict[str, tuple[int | None, str]] = {
-    "bad_image": (400, "the file cannot be captioned (generic)"),
-    "empty_file": (400, "a zero-byte file"),
-    "corrupt_image": (400, "the header looks like an image but the pixels cannot be decoded"),
-    "file_too_large": (413, "the file is larger than MAX_FILE_BYTES"),
-    "too_many_pixels": (413, "the image declares more pixels than MAX_IMAGE_PIXELS (decompression bomb)"),
-    "not_an_image": (415, "the bytes are not an image in any readable format"),
-    "unsupported_format": (415, "an image format that is not accepted"),
-    "captioning_failed": (500, "the model failed on this file's batch (a server fault)"),
-}
-REQUEST_ERROR_CODES: dict[str, tuple[int | None, str]] = {
-    "bad_request": (400, "a malformed request"),
-    "no_images": (400, "no file under the form field `images`"),
-    "prompt_too_long": (400, "the `prompt` field is longer than the limit"),
-    "unauthorized": (401, "/reset-redis without `Authorization: Bearer <ADMIN_TOKEN>`"),
-    "not_found": (404, "no such path"),
-    "method_not_allowed": (405, "the path does not accept this method (see the Allow header)"),
-    "too_many_files": (413, "more files than MAX_FILES_PER_REQUEST"),
-    "request_too_large": (413, "the body is larger than MAX_REQUEST_BYTES, or has too many parts"),
-    "unsupported_media_type": (415, "an unsupported request media type"),
-    "headers_too_large": (431, "the request headers are too large"),
-    "http_error": (None, "any other HTTP-level refusal, with its own HTTP status"),
-    "internal_error": (500, "an unexpected server fault (logged; no details are returned)"),
-    "not_implemented": (501, "an HTTP feature the server does not implement (an unknown Transfer-Encoding)"),
-    "not_ready": (503, "the model is still loading; retry after Retry-After seconds"),
-    "overloaded": (503, "more images are queued than MAX_QUEUE_IMAGES; retry after Retry-After seconds"),
-    "cache_unavailable": (503, "/reset-redis could not reach Redis"),
-}
+# code -> (HTTP status it comes with, when), from the error classes. Per-file codes appear in a result's
+# `error`, the others in an ErrorBody; a request whose files all failed answers with the files' common status.
+def _codes(scope: str) -> dict[str, tuple[int | None, str]]:
+    return {code: (None if cls is HttpError else cls.status_code, description(cls))
+            for code, cls in sorted(error_classes().items()) if scope in cls.scope}
+
+
+FILE_ERROR_CODES = _codes("file")
+REQUEST_ERROR_CODES = _codes("request")
 ERROR_CODES: dict[str, tuple[int | None, str]] = {**FILE_ERROR_CODES, **REQUEST_ERROR_CODES}
 
 
@@ -270,7 +250,7 @@ def _components(admin: bool) -> dict[str, Any]:
             },
             "ResetResponse": {
                 "type": "object", "additionalProperties": False, "required": ["message", "deleted"],
-                "properties": {"message": {"type": "string", "enum": ["Redis cache cleared"]},
+                "properties": {"message": {"type": "string", "description": "Which cache was cleared."},
                                "deleted": {"type": "integer", "minimum": 0}},
             },
             "Health": {

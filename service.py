@@ -1,7 +1,8 @@
-"""The captioning data path, free of Flask: uploads → images → cache → batched model → tags → cache → results.
+"""The captioning data path, free of Flask and HTTP: uploads -> cache -> images -> batched model -> tags -> cache.
 
 `CaptionService.start()` does the slow set-up once (tagger, cache, model, warm-up); `caption_uploads()`
-answers one request. Request threads hash, look up and decode; only the batcher's thread runs the model.
+answers one request with one result per upload. Request threads hash, look up, decode and preprocess; only
+the batcher's thread runs the model. What HTTP status and headers an answer gets is the web layer's choice.
 """
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
 from captioners.base import GenerationParams
-from errors import BadImageError, FileTooLargeError, ServiceError
-from images import ImageLimits, check_size, decode_image, sha256_hex
+from claims import Claim, Claims
+from errors import CaptioningError, NotReadyError, ServiceError
+from images import ImageLimits, PixelBudget, check_size, declared_pixels, decode_image, sha256_hex
 from metrics import Metrics
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PEER_POLL_SECONDS = 0.025  # how often a request waiting for another replica's caption looks for it
 CAPTIONER_SCHEMA = 1  # bump when the way captions are produced changes (prompt handling, decoding)
 
 
@@ -39,15 +40,8 @@ class Upload:
     data: bytes
 
 
-class NotReadyError(ServiceError):
-    """The model is still loading (or failed to load)."""
-
-    status_code = 503
-    code = "not_ready"
-
-
 class CaptionService:
-    """Owns the captioner, tagger, cache and batcher of one process."""
+    """Owns the captioner, tagger, cache, claims and batcher of one process."""
 
     def __init__(self, config: "Config", *, captioner: "Captioner | None" = None, tagger: "Tagger | None" = None,
                  cache: Cache | None = None, metrics: Metrics | None = None) -> None:
@@ -56,8 +50,10 @@ class CaptionService:
         self.captioner = captioner
         self.tagger = tagger
         self.cache = cache
+        self.claims: Claims | None = None
         self.params = GenerationParams(max_new_tokens=config.max_new_tokens, min_new_tokens=config.min_new_tokens)
         self.limits = ImageLimits(max_file_bytes=config.max_file_bytes, max_pixels=config.max_image_pixels)
+        self.pixel_budget = PixelBudget(config.decode_budget_pixels or config.max_image_pixels)
         self.batcher: Batcher | None = None
         self._decoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
         self.state = "starting"  # starting -> ready, or failed
@@ -74,6 +70,7 @@ class CaptionService:
 
     def _start(self) -> None:
         from captioners import create_captioner
+        from errors import ConfigError
         from tagging import Tagger
 
         if self.tagger is None:
@@ -81,12 +78,17 @@ class CaptionService:
         self.tagger.load()  # before the model: a missing spaCy package should fail in a second, not a minute
         if self.cache is None:
             self.cache = open_cache(self.config, self.metrics)
+        self.claims = Claims.for_cache(self.cache, self.config.cache_lock_seconds)
         if self.captioner is None:
             c = self.config
             self.captioner = create_captioner(c.family, c.model_path, c.revision, c.device, c.dtype,
                                               c.system_prompt)
         if not self.captioner.loaded:
             self.captioner.load()
+        try:
+            self.captioner.check_prompt(self.config.caption_prompt, self.params)
+        except ServiceError as exc:
+            raise ConfigError(f"--caption-prompt (CAPTION_PROMPT): {exc.message}") from None
         self.metrics.model_load_seconds.set(self.captioner.load_seconds or 0.0)
         if self.config.warmup:
             self._warm_up()
@@ -152,127 +154,98 @@ class CaptionService:
             captioner_schema=CAPTIONER_SCHEMA,
         )
 
-    def caption_uploads(self, uploads: Sequence[Upload], prompt: str | None) -> tuple[list[dict[str, Any]], int]:
-        """One result per upload, in order (caption + tags + cached, or a per-file error), and the HTTP status."""
-        if not self.ready:
-            raise NotReadyError("the model is still loading; retry in a few seconds", headers={"Retry-After": "5"})
+    def request_prompt(self, prompt: str | None) -> str | None:
+        """The prompt a request gets (its own, else the server's default), checked against the tokenizer."""
         prompt = prompt or self.config.caption_prompt or None
-        config_fp = self.config_fingerprint(prompt)
-        answer = _Answer(uploads)
-        futures: dict[int, Future] = {}
-        elsewhere: dict[int, tuple[str, Any]] = {}
-        mine: list[str] = []
-        # Announce the files before hashing and decoding them, so that a batch forming in the model thread
-        # waits for them instead of leaving without them.
-        with self.batcher.expecting(len(uploads)):
-            keys: dict[int, str] = {}
-            for index, upload in enumerate(uploads):
-                try:
-                    check_size(upload.data, self.limits)  # don't even hash what we will refuse
-                except FileTooLargeError as exc:
-                    answer.fail(index, exc)
-                else:
-                    keys[index] = cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data))
-            cached = self.cache.get_many(list(keys.values()))
-            hits = sum(value is not None for value in cached)
-            self.metrics.cache_requests.labels("hit").inc(hits)
-            self.metrics.cache_requests.labels("miss").inc(len(cached) - hits)
-            missing: list[int] = []
-            for (index, key), value in zip(keys.items(), cached):
-                if value is not None:
-                    answer.succeed(index, value, cached=True)
-                else:
-                    missing.append(index)
-            misses: dict[int, tuple[str, Any]] = {}
-            for index, decoded in zip(missing, self._decode([uploads[i].data for i in missing])):
-                if isinstance(decoded, BadImageError):
-                    answer.fail(index, decoded)
-                else:
-                    misses[index] = (keys[index], decoded)
-            if misses:
-                futures, elsewhere, mine = self._claim_and_submit(misses, prompt, answer)
+        self.captioner.check_prompt(prompt, self.params)
+        return prompt
+
+    def caption_uploads(self, uploads: Sequence[Upload], prompt: str | None) -> "Answer":
+        """One result per upload, in order: caption, tags and whether it came from the cache, or its error."""
+        if not self.ready:
+            raise NotReadyError("the model is still loading; retry in a few seconds", retry_after=5)
+        prompt = self.request_prompt(prompt)
+        group = (prompt, self.params)
+        answer = Answer(uploads)
+        claim = Claim()
         try:
-            if elsewhere:
-                futures.update(self._submit(self._await_other_replicas(elsewhere, answer), prompt))
-            for index, future in futures.items():
-                try:
-                    answer.succeed(index, future.result(), cached=False)
-                except ServiceError as exc:
-                    answer.fail(index, exc)
-                except Exception as exc:  # noqa: BLE001 - a model fault is reported per file, never a traceback
-                    answer.fail(index, ServiceError(f"captioning failed: {type(exc).__name__}",
-                                                    code="captioning_failed"))
+            # Announce the files before hashing and decoding them, so that a batch forming in the model
+            # thread waits for them instead of leaving without them.
+            with self.batcher.expecting(len(uploads)):
+                self._hash(uploads, self.config_fingerprint(prompt), answer)
+                answer.found(dict(zip(answer.pending, self.cache.get_many(answer.pending))), cached=True)
+                self._count_lookups(answer)
+                futures = self.batcher.join(answer.pending)  # being captioned now: no need to decode them
+                inputs = self._prepare([key for key in answer.pending if key not in futures], prompt, answer)
+                claim = self.claims.acquire(list(inputs))
+                answer.found(claim.stored, cached=True)
+                futures.update(self._submit({key: inputs[key] for key in claim.ours}, group))
+            if claim.theirs:
+                found, orphaned = self.claims.wait(claim.theirs)
+                answer.found(found, cached=True)
+                futures.update(self._submit({key: inputs[key] for key in orphaned}, group))
+            for key, future in futures.items():
+                answer.resolve(key, future)
         finally:
-            self.cache.unlock_many(mine)
+            self.claims.release(claim.ours)
         for outcome, count in answer.outcomes().items():
             self.metrics.images.labels(outcome).inc(count)
-        return answer.results, answer.status()
+        return answer
 
-    def _decode(self, blobs: list[bytes]) -> list[Any]:
-        """Decoded images (or the BadImageError of each file), in parallel: Pillow decodes without the GIL."""
-        def decode(data: bytes) -> Any:
+    def _hash(self, uploads: Sequence[Upload], config_fp: str, answer: "Answer") -> None:
+        """Each upload's cache key (uploads over MAX_FILE_BYTES are refused before hashing)."""
+        for index, upload in enumerate(uploads):
             try:
-                return decode_image(data, self.limits)
-            except BadImageError as exc:
+                check_size(upload.data, self.limits)
+            except ServiceError as exc:
+                answer.fail(index, exc)
+            else:
+                answer.expect(index, cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data)))
+
+    def _count_lookups(self, answer: "Answer") -> None:
+        hits = sum(1 for result in answer.results if result.get("cached"))
+        self.metrics.cache_requests.labels("hit").inc(hits)
+        self.metrics.cache_requests.labels("miss").inc(len(answer.pending))
+
+    def _prepare(self, keys: list[str], prompt: str | None, answer: "Answer") -> dict[str, Any]:
+        """The model inputs of each key's file, decoded and preprocessed in parallel; failures are answered.
+
+        The full-size image lives only inside one worker call: it is decoded under the pixel budget (so that
+        requests wait for room rather than grow memory), turned into model-sized tensors, and dropped.
+        """
+        def prepare(key: str) -> Any:
+            data = answer.data(key)
+            try:
+                with self.pixel_budget.hold(declared_pixels(data, self.limits)):
+                    return self.captioner.prepare(decode_image(data, self.limits), prompt, self.params)
+            except ServiceError as exc:
                 return exc
+            except Exception as exc:  # noqa: BLE001 - the processor failed on this file: its error, not a 500
+                log.warning("Preprocessing an upload failed (%s: %s)", type(exc).__name__, exc, exc_info=True)
+                return CaptioningError(f"the image could not be prepared for the model ({type(exc).__name__})")
 
-        if len(blobs) <= 1:
-            return [decode(data) for data in blobs]
-        return list(self._decoder.map(decode, blobs))
+        prepared = map(prepare, keys) if len(keys) <= 1 else self._decoder.map(prepare, keys)
+        inputs = {}
+        for key, result in zip(keys, prepared):
+            if isinstance(result, ServiceError):
+                answer.fail_key(key, result)
+            else:
+                inputs[key] = result
+        return inputs
 
-    def _claim_and_submit(self, misses: dict[int, tuple[str, Any]], prompt: str | None, answer: "_Answer"
-                          ) -> tuple[dict[int, Future], dict[int, tuple[str, Any]], list[str]]:
-        """Claim the misses across replicas and queue ours; returns (futures, claimed elsewhere, our claims)."""
-        in_flight = self.batcher.in_flight(key for key, _ in misses.values())
-        to_claim = list(dict.fromkeys(key for key, _ in misses.values() if key not in in_flight))
-        claims = dict(zip(to_claim, self.cache.try_lock_many(to_claim, self.config.cache_lock_seconds)))
-        mine = [key for key, granted in claims.items() if granted]
-        try:
-            # Another replica may have stored the answer between our lookup and our claim (its claim already
-            # released): look once more, now that we hold the claim, so that it is not captioned twice.
-            stored = dict(zip(mine, self.cache.get_many(mine)))
-            for index, (key, _) in list(misses.items()):
-                if stored.get(key) is not None:
-                    answer.succeed(index, stored[key], cached=True)
-                    del misses[index]
-            local = {i: m for i, m in misses.items() if claims.get(m[0], True)}
-            elsewhere = {i: m for i, m in misses.items() if not claims.get(m[0], True)}
-            return self._submit(local, prompt), elsewhere, mine
-        except BaseException:
-            self.cache.unlock_many(mine)
-            raise
-
-    def _submit(self, misses: dict[int, tuple[str, Any]], prompt: str | None) -> dict[int, Future]:
-        if not misses:
+    def _submit(self, inputs: dict[str, Any], group: Hashable) -> dict[str, Future]:
+        if not inputs:
             return {}
-        futures = self.batcher.submit([(key, image, prompt) for key, image in misses.values()])
-        return dict(zip(misses, futures))
-
-    def _await_other_replicas(self, waiting: dict[int, tuple[str, Any]], answer: "_Answer"
-                              ) -> dict[int, tuple[str, Any]]:
-        """Poll the shared cache until another replica stores these keys; returns those it gave up on."""
-        deadline = time.monotonic() + self.config.cache_lock_seconds
-        pending = dict(waiting)
-        orphaned: dict[int, tuple[str, Any]] = {}
-        while pending and time.monotonic() < deadline:
-            time.sleep(PEER_POLL_SECONDS)
-            indexes = list(pending)
-            for index, (value, held) in zip(indexes, self.cache.peek_many([pending[i][0] for i in indexes])):
-                if value is not None:
-                    answer.succeed(index, value, cached=True)
-                    del pending[index]
-                elif not held:  # the other replica failed or died: caption it here
-                    orphaned[index] = pending.pop(index)
-        orphaned.update(pending)
-        return orphaned
+        return dict(zip(inputs, self.batcher.submit([(key, value, group) for key, value in inputs.items()])))
 
     def reset_cache(self) -> int:
         """Delete this service's cache entries; returns how many."""
         return self.cache.clear()
 
     # ----- batcher callbacks (model thread, post-processing thread) ------------------------------------------
-    def _forward(self, images: list[Any], prompt: str | None) -> list[str]:
-        return self.captioner.caption(images, prompt, self.params)
+    def _forward(self, inputs: list[Any], group: Hashable) -> list[str]:
+        _prompt, params = group
+        return self.captioner.generate(inputs, params)
 
     def _postprocess(self, jobs: list[Job], captions: list[str]) -> list[dict[str, Any]]:
         values = [{"caption": caption, "tags": tags} for caption, tags in zip(captions, self.tagger.tags_many(captions))]
@@ -280,31 +253,61 @@ class CaptionService:
         return values
 
 
-class _Answer:
-    """The per-file results of one request, filled in as they become known, and its HTTP status."""
+class Answer:
+    """The per-file results of one request, filled in as they become known.
+
+    Files are tracked by cache key, so that the repeats of one file in a request share its work and its
+    answer. `errors[i]` is the ServiceError of file i (None when it was captioned): the web layer chooses the
+    response's status from them.
+    """
 
     def __init__(self, uploads: Sequence[Upload]) -> None:
         self.uploads = uploads
         self.results: list[dict[str, Any]] = [{} for _ in uploads]
-        self.error_statuses: set[int] = set()
+        self.errors: list[ServiceError | None] = [None] * len(uploads)
+        self._indexes: dict[str, list[int]] = {}  # key -> the uploads with that key, not answered yet
 
-    def succeed(self, index: int, value: dict[str, Any], cached: bool) -> None:
-        self.results[index] = {"filename": self.uploads[index].filename, "caption": value["caption"],
-                               "tags": value["tags"], "cached": cached}
+    @property
+    def pending(self) -> list[str]:
+        """Keys still without an answer, in upload order."""
+        return list(self._indexes)
+
+    def data(self, key: str) -> bytes:
+        """The bytes of the file with this key."""
+        return self.uploads[self._indexes[key][0]].data
+
+    def expect(self, index: int, key: str) -> None:
+        self._indexes.setdefault(key, []).append(index)
+
+    def found(self, values: dict[str, dict[str, Any] | None], cached: bool) -> None:
+        """Answer every file whose key has a value here."""
+        for key, value in values.items():
+            if value is not None and key in self._indexes:
+                for index in self._indexes.pop(key):
+                    upload = self.uploads[index]
+                    self.results[index] = {"filename": upload.filename, "caption": value["caption"],
+                                           "tags": value["tags"], "cached": cached}
+
+    def resolve(self, key: str, future: Future) -> None:
+        """Wait for a caption from the batcher; a model fault becomes the file's error, never a traceback."""
+        try:
+            self.found({key: future.result()}, cached=False)
+        except ServiceError as exc:
+            self.fail_key(key, exc)
+        except Exception as exc:  # noqa: BLE001
+            self.fail_key(key, CaptioningError(f"captioning failed: {type(exc).__name__}"))
 
     def fail(self, index: int, error: ServiceError) -> None:
-        self.error_statuses.add(error.status_code)
+        self.errors[index] = error
         self.results[index] = {"filename": self.uploads[index].filename, "error": error.to_dict()}
+
+    def fail_key(self, key: str, error: ServiceError) -> None:
+        for index in self._indexes.pop(key, []):
+            self.fail(index, error)
 
     def outcomes(self) -> dict[str, int]:
         """How many files were cached, captioned, or refused."""
         counts = {"cached": 0, "captioned": 0, "error": 0}
         for result in self.results:
-            counts["error" if "error" in result else "cached" if result["cached"] else "captioned"] += 1
+            counts["error" if "error" in result else "cached" if result.get("cached") else "captioned"] += 1
         return counts
-
-    def status(self) -> int:
-        """200 when any file was captioned; else the files' common error status (413, 415, …), or 400."""
-        if any("error" not in result for result in self.results):
-            return 200
-        return next(iter(self.error_statuses)) if len(self.error_statuses) == 1 else 400

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from urllib.parse import urlsplit
 
 from captioners import FAMILIES, Family, family_of_model_type
-from errors import CaptioningError, ConfigError, ModelLoadError
+from errors import CaptioningError, ConfigError, InvalidPromptError, ModelLoadError, PromptTooLongError
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    Prepared = dict[str, "torch.Tensor"]  # one image's model inputs, from Captioner.prepare
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +101,150 @@ class Captioner(ABC):
         self.processor = source.load(AutoProcessor.from_pretrained)
         model = source.load(AutoModelForImageTextToText.from_pretrained, dtype=self.torch_dtype)
         self.model = model.to(self.device).eval()
-        self._prepare()
+        self._after_load()
+        self._collect_control_tokens()
+        for name, text in (("--system-prompt", self.system_prompt),):
+            try:
+                self.check_prompt(text, GenerationParams(max_new_tokens=1))
+            except (InvalidPromptError, PromptTooLongError) as exc:
+                raise ConfigError(f"{name}: {exc.message}") from None
         self.load_seconds = time.perf_counter() - started
         log.info("Loaded %s checkpoint %s%s on %s as %s in %.1f s", self.spec.name, self.model_id,
                  f" (revision {self.revision})" if self.revision else "", self.device,
                  self.describe()["dtype"], self.load_seconds)
 
-    def caption(self, images: Sequence["Image.Image"], prompt: str | None, params: GenerationParams) -> list[str]:
-        """Caption all `images` in ONE generate call with the same prompt; one caption per image, in order."""
+    # ----- the data path: prepare (request threads) -> generate (model thread) ---------------------------
+    def prepare(self, image: "Image.Image", prompt: str | None, params: GenerationParams) -> "Prepared":
+        """The model inputs of one image with one prompt (resized, normalised, templated, tokenised), on the CPU.
+
+        Runs in the request's worker right after decoding, so that the full-size image can be dropped at once
+        and the model thread only stacks small tensors. `generate` on a list of these gives exactly what the
+        processor's own batched call would (same tensors, same padding).
+        """
+        inputs = dict(self.build_inputs([image], self.effective_prompt(prompt)))
+        length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+        if length + params.max_new_tokens > self.max_positions:
+            raise PromptTooLongError(self._too_long_message(length, params.max_new_tokens))
+        return inputs
+
+    def generate(self, items: Sequence["Prepared"], params: GenerationParams) -> list[str]:
+        """Caption prepared items (all with the same prompt) in ONE generate call; one caption each, in order."""
         import torch
 
-        if not images:
+        if not items:
             return []
-        inputs = self.build_inputs(list(images), self.effective_prompt(prompt))
-        inputs = inputs.to(self.device)
+        inputs = self.collate(items).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.torch_dtype)
         with torch.inference_mode():
             output_ids = self.model.generate(**inputs, **params.generate_kwargs())
         captions = [text.strip() for text in self.decode(output_ids, inputs)]
-        if len(captions) != len(images):
-            raise CaptioningError(f"{self.spec.name} returned {len(captions)} captions for {len(images)} images")
+        if len(captions) != len(items):
+            raise CaptioningError(f"{self.spec.name} returned {len(captions)} captions for {len(items)} images")
         return captions
 
-    @abstractmethod
+    def caption(self, images: Sequence["Image.Image"], prompt: str | None, params: GenerationParams) -> list[str]:
+        """Caption all `images` in ONE generate call with the same prompt; one caption per image, in order."""
+        return self.generate([self.prepare(image, prompt, params) for image in images], params)
+
+    def collate(self, items: Sequence["Prepared"]) -> Any:
+        """One batch from per-image inputs: token rows padded as the tokenizer pads, image rows concatenated.
+
+        Tensors with one row per token (input_ids, attention_mask, token_type_ids) are padded to the longest
+        item on the tokenizer's padding side (input_ids with the pad token, the others with 0); everything
+        else (pixel_values, one row per image or per tile) is concatenated in order.
+        """
+        import torch
+        from transformers import BatchFeature
+
+        tokenizer = self.processor.tokenizer
+        longest = max((item["input_ids"].shape[1] for item in items if "input_ids" in item), default=0)
+        batch: dict[str, Any] = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            if not self._is_token_row(key, items[0]):
+                batch[key] = torch.cat(values)
+                continue
+            pad_value = tokenizer.pad_token_id if key == "input_ids" else 0
+            rows = []
+            for value in values:
+                pad = torch.full((value.shape[0], longest - value.shape[1]), pad_value, dtype=value.dtype)
+                rows.append(torch.cat([pad, value] if tokenizer.padding_side == "left" else [value, pad], dim=1))
+            batch[key] = torch.cat(rows)
+        return BatchFeature(batch)
+
+    @staticmethod
+    def _is_token_row(key: str, item: "Prepared") -> bool:
+        value, ids = item[key], item.get("input_ids")
+        return ids is not None and value.dim() == 2 and value.shape == ids.shape
+
     def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
-        """Processor outputs (a BatchFeature) for one batch that shares one prompt."""
+        """Processor outputs (a BatchFeature) for images that share one prompt: here the prompt is plain text
+        the model continues (BLIP, BLIP-2); the chat families override this with their template."""
+        if prompt is None:
+            return self.processor(images=images, return_tensors="pt")
+        # One prompt per batch: BLIP drops the last column assuming it is [SEP], which breaks with padding.
+        return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt",
+                              padding=_padding(images))
 
     @abstractmethod
     def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
         """The caption text of each row of `output_ids`: new tokens only, special tokens skipped."""
 
-    def _prepare(self) -> None:
+    # ----- prompts ---------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str | None, params: GenerationParams) -> None:
+        """Refuse a prompt that holds the tokenizer's special or control tokens, or that leaves the model no
+        room for `params.max_new_tokens` (InvalidPromptError, PromptTooLongError); one rule for every family."""
+        if not prompt:
+            return
+        tokenizer = self.processor.tokenizer
+        if self._control_pattern is not None and (found := self._control_pattern.search(prompt)):
+            raise InvalidPromptError(self._control_token_message(found.group()))
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for token_id in ids:  # a token the tokenizer reaches from other text (case folding, normalisation)
+            if token_id in self._control_ids:
+                raise InvalidPromptError(self._control_token_message(tokenizer.convert_ids_to_tokens(token_id)))
+        length = self._prompt_input_length(prompt)
+        if length + params.max_new_tokens > self.max_positions:
+            raise PromptTooLongError(self._too_long_message(length, params.max_new_tokens))
+
+    @property
+    def max_positions(self) -> int:
+        """How many tokens (input and generated) the language model can take."""
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30)
+
+    def _prompt_input_length(self, prompt: str) -> int:
+        """Input tokens of a prompt with the smallest image (images that expand to more are checked in prepare)."""
+        from PIL import Image
+
+        inputs = self.build_inputs([Image.new("RGB", (32, 32))], self.effective_prompt(prompt))
+        return inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+
+    def _too_long_message(self, input_tokens: int, max_new_tokens: int) -> str:
+        room = max(0, self.max_positions - max_new_tokens)
+        return (f"the prompt makes {input_tokens} input tokens for {self.spec.name}, and with {max_new_tokens} new "
+                f"tokens that is over the {self.max_positions} the model can take; the input may be at most "
+                f"{room} tokens: shorten the prompt")
+
+    def _control_token_message(self, token: str) -> str:
+        return (f"the prompt contains {token!r}, a special token of the {self.spec.name} tokenizer; prompts are "
+                f"plain text: remove it")
+
+    def _collect_control_tokens(self) -> None:
+        """The tokenizer's special and added tokens (image placeholders, chat-turn markers, padding, ...)."""
+        tokenizer = self.processor.tokenizer
+        added = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()}
+        special = dict(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+        tokens = {text: token_id for text, token_id in {**special, **added}.items() if text}
+        self.control_tokens = sorted(tokens)
+        # One pass over the prompt however many tokens there are (real Gemma 3 has thousands); longest first,
+        # so that a message names "<start_of_image>" rather than a shorter token inside it.
+        alternatives = "|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))
+        self._control_pattern = re.compile(alternatives) if alternatives else None
+        # An unknown character maps to the unknown token; that is ordinary text, not a forged token.
+        self._control_ids = frozenset(tokens.values()) - {tokenizer.unk_token_id}
+
+    def _after_load(self) -> None:
         """Family hook run once after loading: consistency checks, padding side, generation defaults."""
         generation_config = self.model.generation_config
         tokenizer = getattr(self.processor, "tokenizer", None)
@@ -144,7 +259,7 @@ class Captioner(ABC):
             return
         other = family_of_model_type(model_type or "")
         hint = (f"start with {other.flag} to serve it" if other
-                else f"it is not one of the families this service runs")
+                else "it is not one of the families this service runs")
         raise ConfigError(f"{self.model_id} is a {model_type!r} checkpoint, not {self.spec.name} "
                           f"(expected model_type {', '.join(self.spec.model_types)}); {hint}, "
                           f"or give {self.spec.flag} a {self.spec.name} checkpoint with --model-path.")
@@ -156,8 +271,8 @@ class ChatCaptioner(Captioner):
     def effective_prompt(self, prompt: str | None) -> str | None:
         return prompt or DEFAULT_CHAT_INSTRUCTION
 
-    def _prepare(self) -> None:
-        super()._prepare()
+    def _after_load(self) -> None:
+        super()._after_load()
         # Decoder-only models must be padded on the left so every row's new tokens start at the same column.
         self.processor.tokenizer.padding_side = "left"
 
@@ -174,11 +289,17 @@ class ChatCaptioner(Captioner):
         return self.processor.apply_chat_template(
             [self.conversation(image, prompt) for image in images],
             add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-            processor_kwargs={"padding": True},
+            processor_kwargs={"padding": _padding(images)},
         )
 
     def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
         return self.processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _padding(images: Sequence[Any]) -> bool:
+    """Pad only batches. One image (what `prepare` sends) needs none, and never switching the tokenizer's
+    padding state back and forth keeps its Rust object free of writes while request threads share it."""
+    return len(images) > 1
 
 
 def resolve_device(requested: str) -> "torch.device":

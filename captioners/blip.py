@@ -7,19 +7,12 @@ from captioners.base import Captioner
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 
 class BlipCaptioner(Captioner):
     """BLIP: unconditional captions, or the continuation of a prefix such as "a photo of" (prefix removed)."""
 
     family = "blip"
-
-    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
-        if prompt is None:
-            return self.processor(images=images, return_tensors="pt")
-        # One prompt per batch: BLIP drops the last column assuming it is [SEP], which breaks with padding.
-        return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
 
     def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
         # generate() returns [bos] + the prompt tokens without their trailing [SEP] + the new tokens

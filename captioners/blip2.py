@@ -8,7 +8,6 @@ from errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 
 class Blip2Captioner(Captioner):
@@ -16,8 +15,8 @@ class Blip2Captioner(Captioner):
 
     family = "blip2"
 
-    def _prepare(self) -> None:
-        super()._prepare()
+    def _after_load(self) -> None:
+        super()._after_load()
         processor_tokens = getattr(self.processor, "num_query_tokens", None)
         model_tokens = self.model.config.num_query_tokens
         # A processor that expands <image> to the wrong number of query tokens raises nothing at all:
@@ -29,11 +28,6 @@ class Blip2Captioner(Captioner):
                 f"num_query_tokens={model_tokens} (re-save the processor with a current transformers)."
             )
         self.processor.tokenizer.padding_side = "left"  # OPT is decoder-only: new tokens must line up
-
-    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
-        if prompt is None:
-            return self.processor(images=images, return_tensors="pt")
-        return self.processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
 
     def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
         # With a prompt the output repeats the input ids; without one, generate() builds and returns

@@ -263,8 +263,8 @@ class OverloadTest(BatcherTestCase):
         error = caught.exception
         self.assertEqual(error.status_code, 503)
         self.assertEqual(error.code, "overloaded")
-        self.assertIn("Retry-After", error.headers)
-        self.assertGreater(int(error.headers["Retry-After"]), 0)
+        self.assertIsNotNone(error.retry_after)
+        self.assertGreater(error.retry_after, 0)
         self.assertIn("MAX_QUEUE_IMAGES", error.message)
         self.assertEqual(batcher.pending, 3)
         self.assertEqual(batcher.in_flight(["c", "d"]), set())  # nothing of the refused request was queued

@@ -295,8 +295,8 @@ class DemoPageTest(BrowserTestCase):
         p.screenshot("results-cached.png")
 
         # Clear the cache: the answer, with its count of deleted entries.
-        self.assertEqual(p.clear_cache(), "Redis cache cleared: 2 entries deleted.")
-        self.assertEqual(p.clear_cache(), "Redis cache cleared: 0 entries deleted.")
+        self.assertEqual(p.clear_cache(), "In-process cache cleared (no Redis is in use): 2 entries deleted.")
+        self.assertEqual(p.clear_cache(), "In-process cache cleared (no Redis is in use): 0 entries deleted.")
         self.assert_clean(p)
 
     def test_hostile_file_name_and_markup_in_captions_are_shown_as_text(self) -> None:
@@ -513,7 +513,7 @@ class AdminTokenTest(BrowserTestCase):
         p.page.get_by_label("Admin token").fill("wrong")
         self.assertEqual(p.clear_cache(), f"Not allowed (401): {answer['error']['message']}")
         p.page.get_by_label("Admin token").fill(ADMIN_TOKEN)
-        self.assertEqual(p.clear_cache(), "Redis cache cleared: 0 entries deleted.")
+        self.assertEqual(p.clear_cache(), "In-process cache cleared (no Redis is in use): 0 entries deleted.")
         p.screenshot("admin-token.png")
         self.assert_clean(p, expected_console=r"Failed to load resource: the server responded with a status of 401")
 

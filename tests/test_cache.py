@@ -15,10 +15,13 @@ import redis
 
 from cache import (SCHEMA_VERSION, MemoryCache, NullCache, RedisCache, cache_key, fingerprint, make_redis_client,
                    open_cache)
+from app import caption_status
 from captioners.base import GenerationParams
+from claims import Claims
 from config import Config
 from metrics import Metrics
 from service import CaptionService
+from support.fakes import FakeCaptioner, FakeTagger
 from support.services import RedisServer, free_port, unique_prefix
 
 TIMEOUT = 0.25  # REDIS_TIMEOUT_SECONDS the service uses by default
@@ -60,36 +63,13 @@ class KeyTest(unittest.TestCase):
                             fingerprint(**base))
 
 
-class _FakeCaptioner:
-    """Just what CaptionService.config_fingerprint reads."""
-
-    def __init__(self, **overrides: Any) -> None:
-        self.family = "blip"
-        self.model_id = "Salesforce/blip-image-captioning-base"
-        self.revision = None
-        self.system_prompt = None
-        self.dtype = "float32"
-        self.__dict__.update(overrides)
-
-    def describe(self) -> dict[str, Any]:
-        return {"dtype": self.dtype}
-
-    def effective_prompt(self, prompt: str | None) -> str | None:
-        return prompt
-
-
-class _FakeTagger:
-    def __init__(self, version: str = "tags-v1") -> None:
-        self.version = version
-
-
 class ServiceFingerprintTest(unittest.TestCase):
     """Everything that changes an answer changes the service's cache key (SPEC §5)."""
 
     def fp(self, prompt: str | None = None, config: Config | None = None, tagger: str = "tags-v1",
            **captioner: Any) -> str:
-        service = CaptionService(config or Config(), captioner=_FakeCaptioner(**captioner),
-                                 tagger=_FakeTagger(tagger), cache=NullCache("p", 1))
+        service = CaptionService(config or Config(), captioner=FakeCaptioner(**captioner),
+                                 tagger=FakeTagger(tagger), cache=NullCache("p", 1))
         return service.config_fingerprint(prompt)
 
     def test_each_part_of_the_configuration_changes_the_fingerprint(self) -> None:
@@ -114,32 +94,6 @@ class ServiceFingerprintTest(unittest.TestCase):
         self.assertEqual(self.fp(config=Config(max_batch_size=2, port=6000, cache_prefix="x")), base)
 
 
-class _Captioner(_FakeCaptioner):
-    """Counts the images it captions."""
-
-    loaded = True
-    load_seconds = 0.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.images = 0
-
-    def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "id": self.model_id, "device": "cpu", "dtype": "float32", "revision": None}
-
-    def caption(self, images: list[Any], prompt: str | None, params: GenerationParams) -> list[str]:
-        self.images += len(images)
-        return ["a red square"] * len(images)
-
-
-class _TaggerWithTags(_FakeTagger):
-    def load(self) -> None:
-        pass
-
-    def tags_many(self, captions: list[str]) -> list[list[str]]:
-        return [["square"] for _ in captions]
-
-
 class _InterleavingCache(MemoryCache):
     """Runs `between` once, right after the next lookup: another request then starts and ends in that gap."""
 
@@ -162,17 +116,18 @@ class ClaimRaceTest(unittest.TestCase):
 
         from service import Upload
 
-        captioner, cache = _Captioner(), _InterleavingCache("p", 100)
+        captioner, cache = FakeCaptioner(), _InterleavingCache("p", 100)
         service = CaptionService(Config(warmup=False, batch_wait_ms=0), captioner=captioner,
-                                 tagger=_TaggerWithTags(), cache=cache)
+                                 tagger=FakeTagger(), cache=cache)
         service.start()
         self.addCleanup(service.stop)
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), "red").save(buf, "PNG")
         upload = buf.getvalue()
         first: list[Any] = []
-        cache.between = lambda: first.extend(service.caption_uploads([Upload("first.png", upload)], None)[0])
-        results, status = service.caption_uploads([Upload("second.png", upload)], None)
+        cache.between = lambda: first.extend(service.caption_uploads([Upload("first.png", upload)], None).results)
+        answer = service.caption_uploads([Upload("second.png", upload)], None)
+        results, status = answer.results, caption_status(answer.errors)
         self.assertEqual(status, 200)
         self.assertIs(first[0]["cached"], False)
         self.assertEqual(results[0]["caption"], "a red square")
@@ -232,7 +187,7 @@ class RedisCacheTest(unittest.TestCase):
     def test_clear_deletes_only_keys_under_the_prefix(self) -> None:
         mine = [self.key(str(i)) for i in range(5)]
         self.cache.set_many({k: VALUE for k in mine})
-        self.cache.try_lock_many(mine[:1], 30)
+        self.cache.try_lock_many(mine[:1], "me", 30)
         others = ["someone-else:key", self.prefix + "x:key", self.prefix[:-1] + ":key", self.prefix,
                   "other:" + self.prefix + ":key", self.prefix.upper() + ":key"]
         for key in others:
@@ -278,21 +233,21 @@ class RedisCacheTest(unittest.TestCase):
         b = RedisCache(make_redis_client(redis_config(self.server)), self.prefix, 100)
         self.addCleanup(b.close)
         k1, k2, k3 = self.key("1"), self.key("2"), self.key("3")
-        self.assertEqual(a.try_lock_many([k1, k2], 30), [True, True])
-        self.assertEqual(b.try_lock_many([k1, k3], 30), [False, True])
-        self.assertEqual(a.try_lock_many([k1], 30), [False])  # a claim is not re-entrant
+        self.assertEqual(a.try_lock_many([k1, k2], "a", 30), [True, True])
+        self.assertEqual(b.try_lock_many([k1, k3], "b", 30), [False, True])
+        self.assertEqual(a.try_lock_many([k1], "a", 30), [False])  # a claim is not re-entrant
         self.assertEqual(b.peek_many([k1, k2]), [(None, True), (None, True)])
 
-        b.unlock_many([k1])  # not b's claim: stays
+        b.unlock_many([k1], "b")  # not b's claim: stays
         self.assertEqual(b.peek_many([k1]), [(None, True)])
         a.set_many({k1: VALUE})
         self.assertEqual(b.peek_many([k1]), [(VALUE, True)])
-        a.unlock_many([k1, k2])
+        a.unlock_many([k1, k2], "a")
         self.assertEqual(b.peek_many([k1, k2]), [(VALUE, False), (None, False)])
-        self.assertEqual(b.try_lock_many([k2], 30), [True])
-        self.assertEqual(a.try_lock_many([], 30), [])
+        self.assertEqual(b.try_lock_many([k2], "b", 30), [True])
+        self.assertEqual(a.try_lock_many([], "a", 30), [])
         self.assertEqual(a.peek_many([]), [])
-        b.unlock_many([k2, k3])
+        b.unlock_many([k2, k3], "b")
         self.assertEqual(self.raw.keys(self.prefix + ":*:lock"), [])
 
     def test_claims_expire(self) -> None:
@@ -300,14 +255,14 @@ class RedisCacheTest(unittest.TestCase):
         b = RedisCache(make_redis_client(redis_config(self.server)), self.prefix, 100)
         self.addCleanup(b.close)
         k = self.key("expiring")
-        self.assertEqual(a.try_lock_many([k], 0.2), [True])
-        self.assertEqual(b.try_lock_many([k], 30), [False])
+        self.assertEqual(a.try_lock_many([k], "a", 0.2), [True])
+        self.assertEqual(b.try_lock_many([k], "b", 30), [False])
         time.sleep(0.4)
         self.assertEqual(b.peek_many([k]), [(None, False)])
-        self.assertEqual(b.try_lock_many([k], 30), [True])  # a's claim ran out: b may take it
-        a.unlock_many([k])  # a must not remove b's claim
+        self.assertEqual(b.try_lock_many([k], "b", 30), [True])  # a's claim ran out: b may take it
+        a.unlock_many([k], "a")  # a must not remove b's claim
         self.assertEqual(a.peek_many([k]), [(None, True)])
-        b.unlock_many([k])
+        b.unlock_many([k], "b")
         self.assertEqual(a.peek_many([k]), [(None, False)])
 
 
@@ -334,8 +289,8 @@ class RedisOutageTest(unittest.TestCase):
         durations = []
         for operation in (lambda: self.assertEqual(self.cache.get_many(self.keys), [None] * 3),
                           lambda: self.cache.set_many({self.keys[1]: VALUE}),
-                          lambda: self.assertEqual(self.cache.try_lock_many(self.keys, 5), [True] * 3),
-                          lambda: self.cache.unlock_many(self.keys),
+                          lambda: self.assertEqual(self.cache.try_lock_many(self.keys, "me", 5), [True] * 3),
+                          lambda: self.cache.unlock_many(self.keys, "me"),
                           lambda: self.assertEqual(self.cache.peek_many(self.keys), [(None, False)] * 3)):
             started = time.monotonic()
             operation()
@@ -432,7 +387,9 @@ class MemoryCacheTest(unittest.TestCase):
 
     def test_claims_are_always_granted_in_process(self) -> None:
         cache = MemoryCache("p", ttl_seconds=100)
-        self.assertEqual(cache.try_lock_many(["p:a", "p:a"], 5), [True, True])
+        claims = Claims.for_cache(cache, 5)
+        self.assertEqual(claims.acquire(["p:a", "p:a"]).ours, ["p:a"])
+        self.assertEqual(claims.acquire(["p:a"]).ours, ["p:a"])  # nothing to share a claim with
         self.assertEqual(cache.peek_many(["p:a"]), [(None, False)])
         self.assertTrue(cache.available())
 

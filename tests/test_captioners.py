@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import unittest
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
 
 from captioners import FAMILIES as REGISTRY
 from captioners import create_captioner
 from captioners.base import DEFAULT_CHAT_INSTRUCTION, GenerationParams, resolve_device, resolve_dtype
-from errors import ConfigError
+from errors import ConfigError, InvalidPromptError, PromptTooLongError
 from support import tiny_models
 from support.tiny_models import FAMILIES, reference_captions, sample_images, tiny_checkpoint
 
@@ -48,6 +52,41 @@ class FamilyAgreementTest(unittest.TestCase):
                 batch = captioner.caption(self.images, PROMPTS[family], PARAMS)
                 singles = [captioner.caption([image], PROMPTS[family], PARAMS)[0] for image in self.images]
                 self.assertEqual(batch, singles)
+
+    def test_images_larger_than_the_model_input_agree(self) -> None:
+        rng = np.random.default_rng(11)
+        large = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in
+                 ((3000, 2000), (1200, 4000), (64, 2000))]
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                self.assertEqual(self.captioners[family].caption(large, PROMPTS[family], PARAMS),
+                                 reference_captions(tiny_checkpoint(family), family, large, prompt=PROMPTS[family],
+                                                    max_new_tokens=12))
+
+    def test_prepared_in_many_threads_equals_one_batched_call(self) -> None:
+        images = self.images * 6
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                captioner = self.captioners[family]
+                with ThreadPoolExecutor(6) as pool:
+                    prepared = list(pool.map(lambda im: captioner.prepare(im, PROMPTS[family], PARAMS), images))
+                self.assertEqual(captioner.generate(prepared, PARAMS),
+                                 reference_captions(tiny_checkpoint(family), family, images, prompt=PROMPTS[family],
+                                                    max_new_tokens=12))
+
+    def test_control_tokens_are_refused_and_ordinary_text_is_not(self) -> None:
+        for family in FAMILIES:
+            captioner = self.captioners[family]
+            for token in captioner.control_tokens:
+                with self.subTest(family=family, token=token):
+                    with self.assertRaises(InvalidPromptError) as caught:
+                        captioner.check_prompt(f"describe {token} it", PARAMS)
+                    self.assertIn(repr(token), caught.exception.message)
+            with self.subTest(family=family, prompt="ordinary"):
+                captioner.check_prompt(PROMPTS[family] + " [sep] <b>bold</b> émoji 😀 <|im_end", PARAMS)
+        with self.assertRaises(PromptTooLongError):
+            self.captioners["blip"].check_prompt("a photo of", GenerationParams(max_new_tokens=60))
+        self.captioners["blip"].check_prompt("a photo of", GenerationParams(max_new_tokens=50))
 
     def test_deterministic(self) -> None:
         for family in FAMILIES:

@@ -2,7 +2,6 @@
 and start-up refusals."""
 from __future__ import annotations
 
-import io
 import unittest
 
 import numpy as np
@@ -83,6 +82,36 @@ class FamiliesServedTest(unittest.TestCase):
         metrics = server.session.get(server.url + "/metrics").text
         self.assertEqual(metric_value(metrics, "caption_batch_size_count") - before, 3)
         self.assertGreaterEqual(metric_value(metrics, "caption_batch_size_sum"), 20)
+
+
+    def test_every_special_token_in_a_prompt_is_400_invalid_prompt(self) -> None:
+        from transformers import AutoTokenizer
+
+        for family in FAMILIES:
+            tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint(family))
+            tokens = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()}
+            self.assertGreaterEqual(len(tokens), 4, tokens)
+            for token in sorted(tokens):
+                with self.subTest(family=family, token=token):
+                    response = self.servers[family].post_images(self.files[:1], prompt=f"a photo {token} of")
+                    self.assertEqual(response.status_code, 400, response.text)
+                    error = response.json()["error"]
+                    self.assertEqual(error["code"], "invalid_prompt")
+                    self.assertIn(repr(token), error["message"])
+
+    def test_a_prompt_over_the_token_budget_is_400_prompt_too_long(self) -> None:
+        rng = np.random.default_rng(3)
+        words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9))) for _ in range(400)]
+        prompt = " ".join(words)[:2000]  # within the 2000 characters, but over 1000 tokens
+        for family in FAMILIES:
+            with self.subTest(family=family):
+                response = self.servers[family].post_images(self.files[:1], prompt=prompt)
+                self.assertEqual(response.status_code, 400, response.text)
+                error = response.json()["error"]
+                self.assertEqual(error["code"], "prompt_too_long")
+                self.assertIn("tokens", error["message"])
+                self.assertIsNone(self.servers[family].process.poll())
+                self.assertNotIn("Traceback", self.servers[family].log())
 
 
 class BFloat16ServedTest(unittest.TestCase):

@@ -126,6 +126,18 @@ def png_declaring(width: int, height: int) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+def large_pngs(width: int, height: int, count: int) -> list[bytes]:
+    """`count` different, valid RGB PNGs of width x height pixels, small on the wire (colour ramps; every row
+    the same), made in about a second: the pixels are compressed once, and each file differs from the others
+    by a text chunk (so each has its own SHA-256, and is decoded on its own)."""
+    row = b"\x00" + bytes(value for x in range(width) for value in (x % 256, x // 256 % 256, 128))
+    compressor = zlib.compressobj(6)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return [b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"tEXt", b"Comment\x00%d" % i)
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"") for i in range(count)]
+
+
 def padded_jpeg(total_bytes: int) -> bytes:
     """A valid (small, red) JPEG padded with a comment segment and trailing bytes to exactly total_bytes,
     so only its size can make it fail."""

@@ -493,7 +493,7 @@ def _build_internvl(variant):
         ),
         text_config=dict(
             model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
             tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
         ),

@@ -1,0 +1,71 @@
+"""Test doubles shared by the unit tests: a captioner and a tagger that need no model.
+
+They implement just the interface CaptionService uses (captioners.base.Captioner, tagging.Tagger), so that a
+unit test can drive the real service, batcher, cache and claims without torch. Behaviour tests of the model
+path use the tiny checkpoints (support.tiny_models), never these.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from errors import InvalidPromptError
+
+
+class FakeCaptioner:
+    """Captions an image as "a <mean colour> square"; counts the images and generate calls it sees.
+
+    `check_prompt` refuses prompts holding "<image>", as the real captioners refuse their special tokens.
+    """
+
+    family = "blip"
+    loaded = True
+    load_seconds = 0.0
+    max_positions = 512
+
+    def __init__(self, **overrides: Any) -> None:
+        self.model_id = "Salesforce/blip-image-captioning-base"
+        self.revision = None
+        self.system_prompt = None
+        self.dtype = "float32"
+        self.images = 0
+        self.calls: list[tuple[int, Any]] = []
+        self._lock = threading.Lock()
+        self.__dict__.update(overrides)
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "id": self.model_id, "device": "cpu", "dtype": self.dtype,
+                "revision": self.revision}
+
+    def effective_prompt(self, prompt: str | None) -> str | None:
+        return prompt
+
+    def check_prompt(self, prompt: str | None, params: Any) -> None:
+        if prompt and "<image>" in prompt:
+            raise InvalidPromptError("the prompt contains '<image>'")
+
+    def prepare(self, image: Any, prompt: str | None, params: Any) -> dict[str, Any]:
+        colour = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
+        return {"colour": colour, "prompt": prompt}
+
+    def generate(self, items: Sequence[dict[str, Any]], params: Any) -> list[str]:
+        with self._lock:
+            self.images += len(items)
+            self.calls.append((len(items), params))
+        return ["a red square" if item["colour"][0] > 128 else "a dark square" for item in items]
+
+    def caption(self, images: Sequence[Any], prompt: str | None, params: Any) -> list[str]:
+        return self.generate([self.prepare(image, prompt, params) for image in images], params)
+
+
+class FakeTagger:
+    """Tags every caption with its last word; `version` is part of the cache fingerprint."""
+
+    def __init__(self, version: str = "tags-v1") -> None:
+        self.version = version
+
+    def load(self) -> None:
+        pass
+
+    def tags_many(self, captions: Sequence[str]) -> list[list[str]]:
+        return [[caption.split()[-1]] if caption.split() else [] for caption in captions]
