@@ -247,6 +247,41 @@ class TooManyPixelsError(BadImageError):
     code = "too_many_pixels"
 
 
+class InvalidBase64Error(BadImageError):
+    """An image's `data` is not valid base64 (or a `data:` URI whose payload is not)."""
+
+    code = "invalid_base64"
+
+
+class ImageUrlsDisabledError(BadImageError):
+    """An image given by URL while this server does not fetch URLs (IMAGE_URLS=off)."""
+
+    code = "image_urls_disabled"
+
+
+class UrlNotAllowedError(BadImageError):
+    """An image URL this server will not fetch: not http(s), or its host resolves to a loopback, private,
+    link-local, multicast, reserved or metadata address (IMAGE_URL_ALLOWED_HOSTS, IMAGE_URL_ALLOW_PRIVATE), or
+    it redirects to one, or redirects too often."""
+
+    code = "url_not_allowed"
+
+
+class UrlFetchFailedError(BadImageError):
+    """An image URL could not be fetched: no answer within the timeout, a connection error, or an HTTP error
+    status."""
+
+    status_code = 502
+    code = "url_fetch_failed"
+
+
+class UrlTooLargeError(BadImageError):
+    """An image URL's body is larger than MAX_FILE_BYTES (reading stopped at the limit)."""
+
+    status_code = 413
+    code = "url_too_large"
+
+
 class CaptioningError(ServiceError):
     """The model failed on this file's batch (a server fault, not the client's)."""
 
