@@ -1,4 +1,5 @@
 # Two commands for a fresh machine: `make run` (set up + serve BLIP) and `make test` (set up + whole suite).
+# `make demo` serves a tiny random checkpoint built offline; `make test-fast` runs the in-process tier.
 # The environment lives in $(VENV) (default .venv); it is (re)installed only when requirements*.txt change.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,13 +9,27 @@ PYTEST_ARGS ?=
 RUN_HASH := $(shell cat requirements.txt | sha256sum | cut -c1-16)
 DEV_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
 
-.PHONY: run test setup setup-dev bench bench-gpu clean-venv
+.PHONY: run demo test test-fast check-services setup setup-dev bench bench-gpu clean-venv
 
 run: setup
 	$(PY) app.py $(ARGS)
 
-test: setup-dev
+# No download: a tiny BLIP checkpoint with random weights, built offline (seconds); its captions are noise.
+demo: setup
+	@folder=$$($(PY) tests/support/tiny_models.py blip) && echo "Serving the tiny random checkpoint $$folder" && \
+	  $(PY) app.py --model-path "$$folder" $(ARGS)
+
+test: setup-dev check-services
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The in-process tier (unit tests and the HTTP contract through Flask's test client): no services needed.
+test-fast: setup-dev
+	$(PY) -m pytest -m "not live" $(PYTEST_ARGS)
+
+# The live tier needs a redis-server and Chromium; say how to get them rather than skip their tests.
+check-services:
+	@command -v redis-server >/dev/null 2>&1 || { echo "make test: redis-server is missing; install it (apt-get install -y redis-server), or run make test-fast" >&2; exit 1; }
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { echo "make test: Chromium is missing (the demo-page tests need it); install it (apt-get install -y chromium), or run make test-fast" >&2; exit 1; }
 
 setup: $(VENV)/.installed-run-$(RUN_HASH)
 

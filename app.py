@@ -21,13 +21,29 @@ from werkzeug.exceptions import HTTPException
 
 import logs
 from config import Config
-from errors import (BadRequestError, CacheUnavailableError, CrossSiteRequestError, HeadersTooLargeError,
-                    HostNotAllowedError, HttpError, InternalError, MethodNotAllowedError, NoImagesError,
-                    NotFoundError, NotImplementedHttpError, PromptTooLongError, RequestTimeoutError,
-                    RequestTooLargeError, ServiceError, TooManyFilesError, UnauthorizedError,
-                    UnsupportedMediaTypeError)
+from errors import (
+    BadRequestError,
+    CacheUnavailableError,
+    CrossSiteRequestError,
+    HeadersTooLargeError,
+    HostNotAllowedError,
+    HttpError,
+    InternalError,
+    MethodNotAllowedError,
+    NoImagesError,
+    NotFoundError,
+    NotImplementedHttpError,
+    PromptTooLongError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ServiceError,
+    TooManyFilesError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
 from forms import read_form
 from openapi import openapi_document
+from schemas import Body, CaptionResponse, Error, ErrorBody, Health, NotReady, Ready, ResetResponse
 from service import CaptionService
 
 log = logging.getLogger(__name__)
@@ -110,7 +126,7 @@ def index() -> Response:
 
 # ----- the API ------------------------------------------------------------------------------------------------
 @api.post("/caption-images")
-def caption_images() -> tuple[Response, int]:
+def caption_images() -> Response:
     """Caption and tag every file uploaded under `images`; per-file errors leave the others intact."""
     service = get_service()
     limit = service.config.max_files_per_request
@@ -125,7 +141,8 @@ def caption_images() -> tuple[Response, int]:
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise PromptTooLongError(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
     answer = service.caption_uploads(form.uploads, prompt)
-    return jsonify(results=answer.results, model=service.model_info()), caption_status(answer.errors)
+    body = CaptionResponse.model_validate({"results": answer.results, "model": service.model_info()})
+    return json_response(body, caption_status(answer.errors))
 
 
 def caption_status(errors: Sequence[ServiceError | None]) -> int:
@@ -146,20 +163,22 @@ def reset_redis() -> Response:
         deleted = service.reset_cache()
     except Exception as exc:  # noqa: BLE001 - an unreachable Redis is the operator's problem, said plainly
         raise CacheUnavailableError(f"the cache could not be cleared: {type(exc).__name__}: {exc}") from exc
-    return jsonify(message=RESET_MESSAGES[service.cache.backend], deleted=deleted)
+    return json_response(ResetResponse(message=RESET_MESSAGES[service.cache.backend], deleted=deleted))
 
 
 @api.get("/healthz")
 def healthz() -> Response:
     """Liveness: the process answers."""
-    return jsonify(status="ok")
+    return json_response(Health(status="ok"))
 
 
 @api.get("/readyz")
-def readyz() -> tuple[Response, int]:
+def readyz() -> Response:
     """Readiness: 200 once the model is loaded and warmed up, else 503; includes the cache's state."""
     service = get_service()
-    return jsonify(service.readiness()), 200 if service.ready else 503
+    if service.ready:
+        return json_response(Ready.model_validate(service.readiness()))
+    return json_response(NotReady.model_validate(service.readiness()), 503)
 
 
 @api.get("/metrics")
@@ -249,9 +268,16 @@ def _finish_request(response: Response) -> Response:
     return response
 
 
+def json_response(body: Body, status: int = 200) -> Response:
+    """A JSON answer built from its model (schemas.py), fields absent where the model leaves them unset."""
+    return current_app.response_class(body.model_dump_json(exclude_unset=True), status=status,
+                                      mimetype="application/json")
+
+
 def _error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify(error=error.to_dict())
-    response.status_code = error.status_code
+    # Not validated: an error answer must never fail to build (the code comes from an error class anyway).
+    body = ErrorBody.model_construct(error=Error.model_construct(code=error.code, message=error.message))
+    response = json_response(body, error.status_code)
     response.headers.update(headers or {})
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)

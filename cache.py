@@ -76,7 +76,7 @@ class Cache:
         """For keys claimed by another replica: (value if stored, whether the claim is still held)."""
         return [(value, False) for value in self.get_many(keys)]
 
-    def available(self) -> bool:
+    def available(self, *, quiet: bool = False) -> bool:
         """Whether the backend answers right now."""
         return True
 
@@ -99,6 +99,10 @@ class MemoryCache(Cache):
         self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         self._claims: dict[str, tuple[str, float]] = {}  # key -> (owner, expiry), as Redis holds `<key>:lock`
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """How many entries it holds (expired ones included until they are next looked up)."""
+        return len(self._items)
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         now = time.monotonic()
@@ -260,14 +264,15 @@ class RedisCache(Cache):
         found = self._guard(peek, None)
         return found if found is not None else [(None, False)] * len(keys)
 
-    def available(self) -> bool:
-        """Ping Redis now (short timeout), whatever the retry schedule says."""
+    def available(self, *, quiet: bool = False) -> bool:
+        """Ping Redis now (short timeout), whatever the retry schedule says. `quiet`: an outage found now is
+        not logged (the caller says what it does about it)."""
         import redis
 
         try:
             self.client.ping()
         except redis.RedisError as exc:
-            self._mark_down(exc)
+            self._mark_down(exc, quiet=quiet)
             return False
         self._mark_up()
         return True
@@ -289,13 +294,14 @@ class RedisCache(Cache):
         self._mark_up()
         return result
 
-    def _mark_down(self, exc: Exception) -> None:
+    def _mark_down(self, exc: Exception, quiet: bool = False) -> None:
         with self._state_lock:
             self._retry_at = time.monotonic() + self.retry_interval
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                log.warning("Redis at %s is unavailable (%s: %s); serving without the cache until it returns",
-                            self.target, type(exc).__name__, exc)
+                if not quiet:
+                        log.warning("Redis at %s is unavailable (%s: %s); serving without the cache until it returns",
+                                self.target, type(exc).__name__, exc)
         if self.metrics:
             self.metrics.cache_requests.labels("error").inc()
         self._set_up_gauge(0)
@@ -354,7 +360,7 @@ def open_cache(config: "Config", metrics: "Metrics | None" = None) -> Cache:
         log.info("Cache: in-process memory (CACHE_BACKEND=memory), TTL %d s", config.cache_ttl_seconds)
         return MemoryCache(config.cache_prefix, config.cache_ttl_seconds, config.memory_cache_max_entries)
     cache = RedisCache.from_config(config, metrics)
-    if cache.available():
+    if cache.available(quiet=True):  # what happens without it is said once, below
         log.info("Cache: Redis at %s, prefix %r, TTL %d s", config.redis_target, config.cache_prefix,
                  config.cache_ttl_seconds)
         return cache

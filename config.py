@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from captioners import DEFAULT_FAMILY, FAMILIES
 from errors import ConfigError
 
-# Family id -> the flag that selects it (SPEC §2). The registry in captioners/ maps ids to implementations.
-FAMILY_FLAGS = {"blip": "--blip", "blip2": "--blip2", "gemma": "--gemma", "intern_vlm": "--intern-vlm"}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CACHE_BACKENDS = ("auto", "redis", "memory", "off")
@@ -36,7 +35,7 @@ def _setting(default: Any, env: str, flag: str | None = None, help: str = "") ->
 class Config:
     """Every setting of the service; see .env.example for the variables and their meaning."""
 
-    family: str = _setting("blip", "MODEL_FAMILY", None, "blip, blip2, gemma or intern_vlm")
+    family: str = _setting(DEFAULT_FAMILY, "MODEL_FAMILY", None, "a family id: " + ", ".join(FAMILIES))
     model_path: str | None = _setting(None, "MODEL_PATH", "--model-path",
                                       "local checkpoint folder or Hugging Face id of the chosen family")
     revision: str | None = _setting(None, "MODEL_REVISION", "--revision", "hub revision (branch, tag or commit)")
@@ -94,9 +93,9 @@ class Config:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.family not in FAMILY_FLAGS:
+        if self.family not in FAMILIES:
             problems.append(f"unknown model family {self.family!r} (MODEL_FAMILY or one of the flags "
-                            f"{', '.join(FAMILY_FLAGS.values())}; choose one of {', '.join(FAMILY_FLAGS)})")
+                            f"{', '.join(f.flag for f in FAMILIES.values())}; choose one of {', '.join(FAMILIES)})")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             problems.append(f"{_describe('device')} must be one of auto, cpu, cuda, cuda:N, mps, not {self.device!r}")
         if self.dtype not in DTYPES:
@@ -196,14 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or in .env (see .env.example); flags win over the environment, which wins over .env.",
     )
     models = parser.add_mutually_exclusive_group()
-    models.add_argument("--blip", dest="family", action="store_const", const="blip",
-                        help="BLIP (Salesforce/blip-image-captioning-base); the default")
-    models.add_argument("--blip2", dest="family", action="store_const", const="blip2",
-                        help="BLIP-2 OPT (Salesforce/blip2-opt-2.7b)")
-    models.add_argument("--gemma", dest="family", action="store_const", const="gemma",
-                        help="Gemma 3 (google/gemma-3-4b-it)")
-    models.add_argument("--intern-vlm", dest="family", action="store_const", const="intern_vlm",
-                        help="InternVL3 (OpenGVLab/InternVL3-1B-hf)")
+    for family in FAMILIES.values():
+        default = "; the default" if family.id == DEFAULT_FAMILY else ""
+        models.add_argument(family.flag, dest="family", action="store_const", const=family.id,
+                            help=f"{family.name} ({family.default_checkpoint}){default}")
     for f in dataclasses.fields(Config):
         s: Setting = f.metadata["setting"]
         if s.flag:
@@ -217,7 +212,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     """Build the Config: defaults < .env < environment < flags. Raises ConfigError on bad values."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     environ = os.environ if environ is None else environ
-    dotenv = read_dotenv(dotenv_path if dotenv_path is not None else environ.get("ENV_FILE", ".env"))
+    dotenv = read_dotenv(dotenv_path if dotenv_path is not None else dotenv_file(environ))
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         s: Setting = f.metadata["setting"]
@@ -236,6 +231,15 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if "family" in values:
         values["family"] = values["family"].replace("-", "_")
     return Config(**values)
+
+
+def dotenv_file(environ: Mapping[str, str]) -> Path:
+    """The .env to read: ENV_FILE when set; else .env in the working directory; else .env beside app.py (so that
+    `python /path/to/app.py` finds the checkout's own settings from anywhere)."""
+    if environ.get("ENV_FILE"):
+        return Path(environ["ENV_FILE"])
+    here = Path.cwd() / ".env"
+    return here if here.is_file() else Path(__file__).resolve().parent / ".env"
 
 
 def read_dotenv(path: str | os.PathLike) -> dict[str, str]:

@@ -114,7 +114,7 @@ class CrossSiteRequestError(ServiceError):
 
 
 class NotFoundError(ServiceError):
-    """No such path."""
+    """No such path (or no such file under /static)."""
 
     status_code = 404
     code = "not_found"

@@ -1,22 +1,35 @@
 """The OpenAPI 3.0 description of the HTTP API, as served at /openapi.json.
 
-Built from the running configuration, so the limits it states (files per request, prompt length) and the
-security of /reset-redis (a bearer token only when ADMIN_TOKEN is set) are the ones this server applies.
-Every error code a client can see is listed in ERROR_CODES; tests check the table against errors.py and
-check live responses against the document.
+Derived, not copied: the body schemas come from the pydantic models in schemas.py (the same models the views
+answer with), the error codes, statuses and meanings from the classes in errors.py, the family ids from the
+registry. Built from the running configuration, so the limits it states (files per request, prompt length)
+and the security of /reset-redis (a bearer token only when ADMIN_TOKEN is set) are the ones this server applies.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from config import FAMILY_FLAGS
-from errors import HttpError, description, error_classes
+from pydantic.json_schema import models_json_schema
+
+import schemas
+from errors import (
+    CacheUnavailableError,
+    HttpError,
+    NotReadyError,
+    OverloadedError,
+    ServiceError,
+    UnauthorizedError,
+    description,
+    error_classes,
+)
 
 if TYPE_CHECKING:
     from config import Config
 
 OPENAPI_VERSION = "3.0.3"
 API_VERSION = "1.0.0"
+COMPONENTS = "#/components/schemas/{model}"
+
 
 # code -> (HTTP status it comes with, when), from the error classes. Per-file codes appear in a result's
 # `error`, the others in an ErrorBody; a request whose files all failed answers with the files' common status.
@@ -28,6 +41,15 @@ def _codes(scope: str) -> dict[str, tuple[int | None, str]]:
 FILE_ERROR_CODES = _codes("file")
 REQUEST_ERROR_CODES = _codes("request")
 ERROR_CODES: dict[str, tuple[int | None, str]] = {**FILE_ERROR_CODES, **REQUEST_ERROR_CODES}
+
+
+def _with_status(status: int, scope: str = "request") -> str:
+    """The codes of one status and scope, as `a`, `b` for a description."""
+    return ", ".join(f"`{code}`" for code, (code_status, _) in _codes(scope).items() if code_status == status)
+
+
+def _code(*classes: type[ServiceError]) -> str:
+    return " or ".join(f"`{cls.code}`" for cls in classes)
 
 
 def openapi_document(config: "Config", *, max_prompt_chars: int = 2000) -> dict[str, Any]:
@@ -97,16 +119,18 @@ def _caption_images(config: "Config", max_prompt_chars: int) -> dict[str, Any]:
         },
         "responses": {
             "200": _json("At least one file was captioned.", _ref("CaptionResponse")),
-            "400": _json("No file could be captioned (bad input), or the request is malformed: `no_images`, "
-                         "`prompt_too_long`, `bad_request`.", either),
-            "413": _json("No file could be captioned (too large), or the request is too large: "
-                         "`too_many_files`, `request_too_large`.", either),
+            "400": _json(f"No file could be captioned (bad input), or the request is refused: "
+                         f"{_with_status(400)}.", either),
+            "403": _json(f"{_with_status(403)}.", _ref("ErrorBody")),
+            "408": _json(f"{_with_status(408)}.", _ref("ErrorBody")),
+            "413": _json(f"No file could be captioned (too large), or the request is too large: "
+                         f"{_with_status(413)}.", either),
             "415": _json("No file could be captioned: none is an image in an accepted format.",
                          _ref("CaptionResponse")),
-            "500": _json("Every file's caption failed in the model (`captioning_failed` per file), or an "
-                         "unexpected fault (`internal_error`).", either),
-            "503": _json("`not_ready` (the model is loading) or `overloaded` (too much queued work).",
-                         _ref("ErrorBody"), retry_after=True),
+            "500": _json("Every file's caption failed in the model (per file), or an unexpected fault.", either),
+            "502": _json("No file could be captioned: every image URL failed to fetch.", _ref("CaptionResponse")),
+            "503": _json(f"{_code(NotReadyError)} (the model is loading) or {_code(OverloadedError)} (too much "
+                         f"queued work).", _ref("ErrorBody"), retry_after=True),
         },
     }
 
@@ -122,12 +146,13 @@ def _reset_redis(method: str, admin: bool) -> dict[str, Any]:
         "parameters": [_ref("RequestId", "parameters")],
         "responses": {
             "200": _json("The cache was cleared.", _ref("ResetResponse")),
-            "503": _json("`cache_unavailable`: Redis could not be reached.", _ref("ErrorBody")),
+            "403": _json(f"{_with_status(403)}: a browser request from another site.", _ref("ErrorBody")),
+            "503": _json(f"{_code(CacheUnavailableError)}: Redis could not be reached.", _ref("ErrorBody")),
         },
     }
     if admin:
         operation["security"] = [{"adminToken": []}]
-        operation["responses"]["401"] = _json("`unauthorized`: the bearer token is missing or wrong.",
+        operation["responses"]["401"] = _json(f"{_code(UnauthorizedError)}: the bearer token is missing or wrong.",
                                               _ref("ErrorBody"))
     else:
         operation["security"] = []
@@ -195,105 +220,8 @@ def _index() -> dict[str, Any]:
 
 # ----- components ---------------------------------------------------------------------------------------------
 def _components(admin: bool) -> dict[str, Any]:
-    nullable_string = {"type": "string", "nullable": True}
     components: dict[str, Any] = {
-        "schemas": {
-            "ErrorBody": {
-                "type": "object", "additionalProperties": False, "required": ["error"],
-                "properties": {"error": _ref("Error")},
-                "description": "Every error that is not about one file of a request.",
-            },
-            "Error": {
-                "type": "object", "additionalProperties": False, "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "enum": list(REQUEST_ERROR_CODES),
-                             "description": _code_table(REQUEST_ERROR_CODES)},
-                    "message": {"type": "string", "minLength": 1, "description": "For a person; may change."},
-                },
-            },
-            "FileError": {
-                "type": "object", "additionalProperties": False, "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "enum": list(FILE_ERROR_CODES),
-                             "description": _code_table(FILE_ERROR_CODES)},
-                    "message": {"type": "string", "minLength": 1, "description": "For a person; may change."},
-                },
-            },
-            "CaptionResult": {
-                "type": "object", "additionalProperties": False,
-                "required": ["filename", "caption", "tags", "cached"],
-                "properties": {
-                    "filename": {"type": "string", "description": "As uploaded (data only; may be empty)."},
-                    "caption": {"type": "string"},
-                    "tags": {"type": "array", "items": {"type": "string"},
-                             "description": "Lower case, multi-word tags joined with `_`, no duplicates."},
-                    "cached": {"type": "boolean", "description": "Whether the answer came from the cache."},
-                },
-            },
-            "FileErrorResult": {
-                "type": "object", "additionalProperties": False, "required": ["filename", "error"],
-                "properties": {"filename": {"type": "string"}, "error": _ref("FileError")},
-            },
-            "CaptionResponse": {
-                "type": "object", "additionalProperties": False, "required": ["results", "model"],
-                "properties": {
-                    "results": {"type": "array", "minItems": 1,
-                                "items": {"oneOf": [_ref("CaptionResult"), _ref("FileErrorResult")]},
-                                "description": "One per uploaded file, in upload order."},
-                    "model": _ref("Model"),
-                },
-            },
-            "Model": {
-                "type": "object", "additionalProperties": False, "required": ["family", "id"],
-                "properties": {"family": {"type": "string", "enum": list(FAMILY_FLAGS)},
-                               "id": {"type": "string", "description": "Hugging Face id or local folder."}},
-            },
-            "ResetResponse": {
-                "type": "object", "additionalProperties": False, "required": ["message", "deleted"],
-                "properties": {"message": {"type": "string", "description": "Which cache was cleared."},
-                               "deleted": {"type": "integer", "minimum": 0}},
-            },
-            "Health": {
-                "type": "object", "additionalProperties": False, "required": ["status"],
-                "properties": {"status": {"type": "string", "enum": ["ok"]}},
-            },
-            "CacheState": {
-                "type": "object", "additionalProperties": False, "required": ["backend", "redis_reachable"],
-                "properties": {
-                    "backend": {"type": "string", "nullable": True, "enum": ["redis", "memory", "off", None],
-                                "description": "null until the cache is opened during start-up."},
-                    "redis_reachable": {"type": "boolean", "nullable": True,
-                                        "description": "A live PING; null unless the backend is redis."},
-                },
-            },
-            "Ready": {
-                "type": "object", "additionalProperties": False,
-                "required": ["status", "model", "device", "dtype", "revision", "cache", "default_prompt"],
-                "properties": {
-                    "status": {"type": "string", "enum": ["ready"]},
-                    "model": _ref("Model"),
-                    "device": {"type": "string", "description": "e.g. cpu, cuda:0, mps"},
-                    "dtype": {"type": "string", "description": "e.g. float32, float16, bfloat16"},
-                    "revision": nullable_string,
-                    "cache": _ref("CacheState"),
-                    "default_prompt": nullable_string,
-                },
-            },
-            "NotReady": {
-                "type": "object", "additionalProperties": False,
-                "required": ["status", "model", "cache", "default_prompt"],
-                "description": "device, dtype and revision appear once the model is being loaded.",
-                "properties": {
-                    "status": {"type": "string", "enum": ["starting", "failed"]},
-                    "model": _ref("Model"),
-                    "device": {"type": "string"},
-                    "dtype": {"type": "string"},
-                    "revision": nullable_string,
-                    "cache": _ref("CacheState"),
-                    "default_prompt": nullable_string,
-                },
-            },
-        },
+        "schemas": body_schemas(),
         "parameters": {
             "RequestId": {
                 "name": "X-Request-ID", "in": "header", "required": False, "schema": {"type": "string"},
@@ -331,8 +259,32 @@ def _json(description: str, schema: dict[str, Any], *, retry_after: bool = False
             "content": {"application/json": {"schema": schema}}}
 
 
-def _code_table(codes: dict[str, tuple[int | None, str]]) -> str:
-    return "\n".join(f"- `{code}` ({status or 'various'}): {meaning}" for code, (status, meaning) in codes.items())
+def body_schemas() -> dict[str, Any]:
+    """components/schemas: the JSON Schema of each model in schemas.DOCUMENTED, in the OpenAPI 3.0 dialect."""
+    _, top = models_json_schema([(model, "serialization") for model in schemas.DOCUMENTED], ref_template=COMPONENTS)
+    found = {name: _openapi30(schema) for name, schema in top["$defs"].items()}
+    return {model.__name__: found[model.__name__] for model in schemas.DOCUMENTED}
+
+
+def _openapi30(node: Any) -> Any:
+    """pydantic's JSON Schema (2020-12) as OpenAPI 3.0: `X | None` as `nullable`, `const` as a one-item enum,
+    no titles."""
+    if isinstance(node, list):
+        return [_openapi30(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _openapi30(value) for key, value in node.items() if key != "title"}
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    options = node.get("anyOf", [])
+    if len(options) == 2 and {"type": "null"} in options:
+        (real,) = [option for option in options if option != {"type": "null"}]
+        del node["anyOf"]
+        node.update({"allOf": [real]} if "$ref" in real else real)
+        node["nullable"] = True
+        if "enum" in node:
+            node["enum"] = [*node["enum"], None]
+    return node
 
 
 def _api_description() -> str:
@@ -341,4 +293,5 @@ def _api_description() -> str:
         "Every error body is JSON with a stable `code` and a human `message`: `{\"error\": {\"code\", "
         "\"message\"}}`, or, for one file of a caption request, `{\"filename\", \"error\": {\"code\", "
         "\"message\"}}` in that file's place. Every response carries an X-Request-ID header.\n\n"
-        "Error codes:\n" + _code_table(ERROR_CODES))
+        "Error codes of a whole request:\n" + schemas.code_table("request")
+        + "\n\nError codes of one file:\n" + schemas.code_table("file"))

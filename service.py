@@ -136,7 +136,8 @@ class CaptionService:
         info: dict[str, Any] = {"status": self.state, "model": self.model_info()}
         if self.captioner is not None:
             described = self.captioner.describe()
-            info.update(device=described["device"], dtype=described["dtype"], revision=described["revision"])
+            info.update(device=described["device"], dtype=described["dtype"], revision=described["revision"],
+                        random_weights=bool(described.get("random_weights")))
         backend = self.cache.backend if self.cache else None
         info["cache"] = {"backend": backend,
                          "redis_reachable": self.cache.available() if backend == "redis" else None}

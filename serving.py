@@ -25,8 +25,16 @@ from typing import Any, Sequence
 import logs
 from app import create_app, too_large_message
 from config import Config, load_config
-from errors import (BadRequestError, ConfigError, HeadersTooLargeError, ModelLoadError, NotImplementedHttpError,
-                    RequestTimeoutError, RequestTooLargeError, ServiceError)
+from errors import (
+    BadRequestError,
+    ConfigError,
+    HeadersTooLargeError,
+    ModelLoadError,
+    NotImplementedHttpError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ServiceError,
+)
 from service import CaptionService
 
 log = logging.getLogger(__name__)
@@ -221,11 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("Stopped while loading the model")
         return 0
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return _fatal(config, exc, 2)
     except ModelLoadError as exc:
-        log.error("%s", exc)
-        return 1
+        return _fatal(config, exc, 1)
     described = service.captioner.describe()
     log.info("Ready on %s: model %s %s on %s as %s, cache %s", url, described["family"], described["id"],
              described["device"], described["dtype"], service.cache.backend)
@@ -239,6 +245,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     service.stop()
     log.info("Stopped")
     return 0
+
+
+def _fatal(config: Config, exc: Exception, code: int) -> int:
+    """Say why start-up failed, in full: our own multi-line message, which text-format log lines would escape."""
+    if config.log_format == "json":
+        log.error("%s", exc)
+    else:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    return code
 
 
 class _StopWhileLoading(BaseException):

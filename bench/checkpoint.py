@@ -102,6 +102,8 @@ def build(out_dir: Path) -> dict[str, Any]:
     init_s = time.perf_counter() - started
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    (out_dir / "RANDOM_WEIGHTS").write_text("Random weights with the BLIP-base architecture, for the benchmark: "
+                                            "its captions are noise.\n")
     params = sum(p.numel() for p in model.parameters())
     info = {"build_version": BUILD_VERSION, "architecture": "Salesforce/blip-image-captioning-base (random weights)",
             "params": params, "init_s": round(init_s, 2), "build_s": round(time.perf_counter() - started, 2),

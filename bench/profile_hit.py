@@ -33,11 +33,10 @@ def main() -> int:
     parser.add_argument("--sort", default="cumulative", help="pstats sort key, e.g. tottime")
     args = parser.parse_args()
 
-    from support.services import RedisServer
-
     import logs
     from app import create_app
     from config import load_config
+    from support.services import RedisServer
 
     folder = checkpoint.tiny_checkpoint()[0]
     redis = RedisServer().start()

@@ -20,8 +20,8 @@ import json
 import logging
 import os
 import re
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: where its code lives and which checkpoint it loads by default."""
+    """One model family: its flag, where its code lives, and which checkpoint it loads by default."""
 
     id: str
     flag: str
@@ -23,20 +23,27 @@ class Family:
     implementation: str  # "module:Class"
     default_checkpoint: str
     model_types: tuple[str, ...]  # config.json "model_type" values this family can load
+    prompt_meaning: str  # what a prompt is to this family (help texts, docs)
+    example_prompt: str
     default_revision: str | None = None
 
 
+# The one list of families: the command line, the configuration, the docs and the tests all take it from here.
 FAMILIES: dict[str, Family] = {
     f.id: f
     for f in (
         Family("blip", "--blip", "BLIP", "captioners.blip:BlipCaptioner", "Salesforce/blip-image-captioning-base",
-               ("blip",)),
-        Family("blip2", "--blip2", "BLIP-2", "captioners.blip2:Blip2Captioner", "Salesforce/blip2-opt-2.7b", ("blip-2",)),
-        Family("gemma", "--gemma", "Gemma 3", "captioners.gemma:GemmaCaptioner", "google/gemma-3-4b-it", ("gemma3",)),
+               ("blip",), "a text prefix the caption continues", "a photo of"),
+        Family("blip2", "--blip2", "BLIP-2", "captioners.blip2:Blip2Captioner", "Salesforce/blip2-opt-2.7b",
+               ("blip-2",), "the text the language model continues", "Question: Describe the image. Answer:"),
+        Family("gemma", "--gemma", "Gemma 3", "captioners.gemma:GemmaCaptioner", "google/gemma-3-4b-it",
+               ("gemma3",), "the instruction in a chat turn with the image", "What animal is on the candy."),
         Family("intern_vlm", "--intern-vlm", "InternVL3", "captioners.intern_vlm:InternVLCaptioner",
-               "OpenGVLab/InternVL3-1B-hf", ("internvl",)),
+               "OpenGVLab/InternVL3-1B-hf", ("internvl",), "the instruction in a chat turn with the image",
+               "Please describe the image explicitly."),
     )
 }
+DEFAULT_FAMILY = "blip"
 
 
 def family_of_model_type(model_type: str) -> Family | None:

@@ -13,6 +13,7 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 from urllib.parse import urlsplit
 
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     Prepared = dict[str, "torch.Tensor"]  # one image's model inputs, from Captioner.prepare
 
 log = logging.getLogger(__name__)
+
+# A file of this name in a checkpoint folder says its weights are random (tiny test checkpoints, `make demo`,
+# the benchmark's): the service then says so in its log, in /readyz and on the demo page.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
 # The instruction the chat families get when neither the server nor the request gives a prompt (SPEC §2).
 DEFAULT_CHAT_INSTRUCTION = "Write one concise caption for this image. Reply with the caption only."
@@ -62,6 +67,7 @@ class Captioner(ABC):
         self.requested_device = device
         self.requested_dtype = dtype
         self.system_prompt = system_prompt
+        self.random_weights = False  # a checkpoint folder marked RANDOM_WEIGHTS (tests, benchmark, `make demo`)
         self.processor: Any = None
         self.model: Any = None
         self.device: "torch.device | None" = None
@@ -81,6 +87,7 @@ class Captioner(ABC):
     def describe(self) -> dict[str, Any]:
         """What is loaded, for responses, logs and /readyz."""
         return {"family": self.family, "id": self.model_id, "revision": self.revision,
+                "random_weights": self.random_weights,
                 "device": str(self.device) if self.device else self.requested_device,
                 "dtype": str(self.torch_dtype).removeprefix("torch.") if self.torch_dtype else self.requested_dtype}
 
@@ -97,6 +104,7 @@ class Captioner(ABC):
         self.device = resolve_device(self.requested_device)
         self.torch_dtype = resolve_dtype(self.requested_dtype, self.device, self.float16_safe, self.spec.name)
         source = WeightSource(self.model_id, self.revision, self.spec)
+        self.random_weights = source.is_local and (Path(self.model_id).expanduser() / RANDOM_WEIGHTS_MARKER).is_file()
         self._check_architecture(source.load(AutoConfig.from_pretrained))
         self.processor = source.load(AutoProcessor.from_pretrained)
         model = source.load(AutoModelForImageTextToText.from_pretrained, dtype=self.torch_dtype)
@@ -112,6 +120,9 @@ class Captioner(ABC):
         log.info("Loaded %s checkpoint %s%s on %s as %s in %.1f s", self.spec.name, self.model_id,
                  f" (revision {self.revision})" if self.revision else "", self.device,
                  self.describe()["dtype"], self.load_seconds)
+        if self.random_weights:
+            log.warning("This checkpoint has RANDOM weights (it holds a %s file): its captions are noise. It is "
+                        "for trying the service out; serve a real checkpoint for real captions.", RANDOM_WEIGHTS_MARKER)
 
     # ----- the data path: prepare (request threads) -> generate (model thread) ---------------------------
     def prepare(self, image: "Image.Image", prompt: str | None, params: GenerationParams) -> "Prepared":
@@ -393,7 +404,9 @@ class WeightSource:
             f"  - start once on a machine with network access (they are then cached under HF_HOME), or point "
             f"HF_HOME at a cache that holds them;\n"
             f"  - download the checkpoint into a folder (e.g. `hf download {self.model_id} --local-dir DIR` "
-            f"elsewhere, then copy DIR here) and start with --model-path DIR."
+            f"elsewhere, then copy DIR here) and start with --model-path DIR.\n"
+            f"To see the service answer without any download, run `make demo`: it builds a tiny checkpoint "
+            f"with random weights offline and serves it (its captions are noise)."
         )
 
 

@@ -7,9 +7,13 @@ import unittest
 from concurrent.futures import Future, wait
 from typing import Any
 
+import pytest
+
 from batching import Batcher, Job
 from errors import CaptioningError, OverloadedError
 from metrics import Metrics
+
+pytestmark = pytest.mark.inprocess
 
 RESULT_TIMEOUT = 10  # seconds; a future that takes longer than this means the batcher hangs
 
@@ -128,11 +132,13 @@ class BatchShapeTest(BatcherTestCase):
     def test_wrong_number_of_captions_fails_the_batch_loudly(self) -> None:
         batcher = self.make(max_batch_size=4)
         self.model.wrong_count = True
-        futures = batcher.submit([("a", "A", None), ("b", "B", None)])
-        for future in futures:
-            with self.assertRaises(CaptioningError) as caught:
-                future.result(RESULT_TIMEOUT)
-            self.assertIn("1 captions for 2 images", str(caught.exception))
+        with self.assertLogs("batching", "ERROR") as logged:
+            futures = batcher.submit([("a", "A", None), ("b", "B", None)])
+            for future in futures:
+                with self.assertRaises(CaptioningError) as caught:
+                    future.result(RESULT_TIMEOUT)
+                self.assertIn("1 captions for 2 images", str(caught.exception))
+        self.assertIn("Captioning a batch of 2 images failed", logged.output[0])
 
 
 class WaitingTest(BatcherTestCase):
@@ -315,8 +321,10 @@ class FailureTest(BatcherTestCase):
         # post-processing thread (which would leave this and every later request waiting forever).
         batcher = self.make(max_batch_size=8)
         self.post.wrong_count = True
-        futures = batcher.submit([("a", "A", None), ("b", "B", None)])
-        done, not_done = wait(futures, 3)
+        with self.assertLogs("batching", "ERROR") as logged:
+            futures = batcher.submit([("a", "A", None), ("b", "B", None)])
+            done, not_done = wait(futures, 3)
+        self.assertIn("Post-processing a batch of 2 captions failed", logged.output[0])
         self.assertFalse(not_done, "futures never completed: the post-processing thread died")
         self.assertTrue(any(f.exception() is not None for f in futures))
         self.post.wrong_count = False

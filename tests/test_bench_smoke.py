@@ -12,7 +12,11 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
+
 from support.services import REPO_ROOT, missing_service
+
+pytestmark = pytest.mark.live
 
 COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "speedups")
 

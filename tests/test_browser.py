@@ -15,11 +15,14 @@ import unittest
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import requests
 from PIL import Image
 
 from support.services import REPO_ROOT, ServerProcess, missing_service
 from support.tiny_models import image_bytes, sample_images, tiny_checkpoint
+
+pytestmark = pytest.mark.live
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 # The flags that work on these machines (no sandbox as root, no GPU, nothing that phones home).

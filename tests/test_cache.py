@@ -11,11 +11,20 @@ import time
 import unittest
 from typing import Any
 
+import pytest
 import redis
 
-from cache import (SCHEMA_VERSION, MemoryCache, NullCache, RedisCache, cache_key, fingerprint, make_redis_client,
-                   open_cache)
 from app import caption_status
+from cache import (
+    SCHEMA_VERSION,
+    MemoryCache,
+    NullCache,
+    RedisCache,
+    cache_key,
+    fingerprint,
+    make_redis_client,
+    open_cache,
+)
 from captioners.base import GenerationParams
 from claims import Claims
 from config import Config
@@ -34,6 +43,7 @@ def redis_config(server: RedisServer | None, **changes: Any) -> Config:
 
 
 class KeyTest(unittest.TestCase):
+    pytestmark = pytest.mark.inprocess
     def test_key_is_prefix_schema_fingerprint_sha256(self) -> None:
         digest = hashlib.sha256(b"image bytes").hexdigest()
         self.assertEqual(cache_key("imgcap", "0123456789abcdef", digest),
@@ -65,6 +75,8 @@ class KeyTest(unittest.TestCase):
 
 class ServiceFingerprintTest(unittest.TestCase):
     """Everything that changes an answer changes the service's cache key (SPEC §5)."""
+
+    pytestmark = pytest.mark.inprocess
 
     def fp(self, prompt: str | None = None, config: Config | None = None, tagger: str = "tags-v1",
            **captioner: Any) -> str:
@@ -111,6 +123,8 @@ class ClaimRaceTest(unittest.TestCase):
     """A request that missed the cache and then won the claim looks again before captioning: the request
     that held the claim may have stored the answer and let go of it in between (single-flight, SPEC §5)."""
 
+    pytestmark = pytest.mark.inprocess
+
     def test_answer_stored_between_lookup_and_claim_is_not_captioned_again(self) -> None:
         from PIL import Image
 
@@ -137,6 +151,8 @@ class ClaimRaceTest(unittest.TestCase):
 
 class RedisCacheTest(unittest.TestCase):
     """RedisCache on a healthy Redis."""
+
+    pytestmark = pytest.mark.live
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -228,46 +244,11 @@ class RedisCacheTest(unittest.TestCase):
         self.assertEqual(self.cache.clear(), 2500)
         self.assertEqual(self.raw.get(self.prefix + "-other:k"), "keep")
 
-    def test_claims_between_two_replicas(self) -> None:
-        a = self.cache
-        b = RedisCache(make_redis_client(redis_config(self.server)), self.prefix, 100)
-        self.addCleanup(b.close)
-        k1, k2, k3 = self.key("1"), self.key("2"), self.key("3")
-        self.assertEqual(a.try_lock_many([k1, k2], "a", 30), [True, True])
-        self.assertEqual(b.try_lock_many([k1, k3], "b", 30), [False, True])
-        self.assertEqual(a.try_lock_many([k1], "a", 30), [False])  # a claim is not re-entrant
-        self.assertEqual(b.peek_many([k1, k2]), [(None, True), (None, True)])
-
-        b.unlock_many([k1], "b")  # not b's claim: stays
-        self.assertEqual(b.peek_many([k1]), [(None, True)])
-        a.set_many({k1: VALUE})
-        self.assertEqual(b.peek_many([k1]), [(VALUE, True)])
-        a.unlock_many([k1, k2], "a")
-        self.assertEqual(b.peek_many([k1, k2]), [(VALUE, False), (None, False)])
-        self.assertEqual(b.try_lock_many([k2], "b", 30), [True])
-        self.assertEqual(a.try_lock_many([], "a", 30), [])
-        self.assertEqual(a.peek_many([]), [])
-        b.unlock_many([k2, k3], "b")
-        self.assertEqual(self.raw.keys(self.prefix + ":*:lock"), [])
-
-    def test_claims_expire(self) -> None:
-        a = self.cache
-        b = RedisCache(make_redis_client(redis_config(self.server)), self.prefix, 100)
-        self.addCleanup(b.close)
-        k = self.key("expiring")
-        self.assertEqual(a.try_lock_many([k], "a", 0.2), [True])
-        self.assertEqual(b.try_lock_many([k], "b", 30), [False])
-        time.sleep(0.4)
-        self.assertEqual(b.peek_many([k]), [(None, False)])
-        self.assertEqual(b.try_lock_many([k], "b", 30), [True])  # a's claim ran out: b may take it
-        a.unlock_many([k], "a")  # a must not remove b's claim
-        self.assertEqual(a.peek_many([k]), [(None, True)])
-        b.unlock_many([k], "b")
-        self.assertEqual(a.peek_many([k]), [(None, False)])
-
 
 class RedisOutageTest(unittest.TestCase):
     """RedisCache fails open while its Redis is down, logs each outage once, and recovers by itself."""
+
+    pytestmark = pytest.mark.live
 
     def setUp(self) -> None:
         self.server = RedisServer().start()
@@ -364,6 +345,8 @@ class RedisOutageTest(unittest.TestCase):
 
 
 class MemoryCacheTest(unittest.TestCase):
+
+    pytestmark = pytest.mark.inprocess
     def test_round_trip_and_ttl(self) -> None:
         cache = MemoryCache("p", ttl_seconds=1)
         cache.set_many({"p:a": VALUE})
@@ -402,6 +385,8 @@ class MemoryCacheTest(unittest.TestCase):
 
 
 class OpenCacheTest(unittest.TestCase):
+
+    pytestmark = pytest.mark.live
     def test_auto_with_redis_is_redis(self) -> None:
         server = RedisServer().start()
         self.addCleanup(server.close)

@@ -1,7 +1,9 @@
 """config.load_config: flag > environment > .env > default, validation, .env.example, and a torch-free --help."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -9,9 +11,13 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import pytest
+
 from config import Config, build_parser, load_config
 from errors import ConfigError
 from support.services import REPO_ROOT
+
+pytestmark = pytest.mark.inprocess
 
 SETTINGS = {f.name: f.metadata["setting"] for f in dataclasses.fields(Config)}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -137,20 +143,17 @@ class ValidationTest(LoadConfigCase):
     def test_bad_flag_values(self) -> None:
         with self.assertRaises(ConfigError):
             self.load(["--device", "cuda:x"])
-        with self.assertRaises(SystemExit) as caught:
+        with self.assertRaises(SystemExit) as caught, contextlib.redirect_stderr(io.StringIO()) as usage:
             self.load(["--port", "abc"])
         self.assertEqual(caught.exception.code, 2)
+        self.assertIn("invalid int value: 'abc'", usage.getvalue())
         self.assertEqual(self.load(["--device", "cuda:1"]).device, "cuda:1")
 
     def test_two_model_flags_are_a_usage_error(self) -> None:
         for flags in (["--blip", "--gemma"], ["--blip2", "--intern-vlm"], ["--gemma", "--gemma", "--blip"]):
             with self.subTest(flags), self.assertRaises(SystemExit) as caught:
-                with open(os.devnull, "w") as devnull:
-                    stderr, sys.stderr = sys.stderr, devnull
-                    try:
-                        self.load(flags)
-                    finally:
-                        sys.stderr = stderr
+                with contextlib.redirect_stderr(io.StringIO()):
+                    self.load(flags)
             self.assertEqual(caught.exception.code, 2)
 
     def test_config_is_frozen_and_replace_validates(self) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import unittest
 
 import numpy as np
+import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.families import FAMILIES, FLAGS, PROMPTS
 from support.services import ServerProcess
-from support.tiny_models import FAMILIES, image_bytes, reference_captions, sample_images, tiny_checkpoint
+from support.tiny_models import image_bytes, reference_captions, sample_images, tiny_checkpoint
 
-FLAGS = {"blip": "--blip", "blip2": "--blip2", "gemma": "--gemma", "intern_vlm": "--intern-vlm"}
-PROMPTS = {"blip": "a photo of", "blip2": "Question: Describe the image. Answer:",
-           "gemma": "What animal is on the candy.", "intern_vlm": "Please describe the image explicitly."}
+pytestmark = pytest.mark.live
+
 
 
 def metric_value(text: str, name: str) -> float:

@@ -14,6 +14,7 @@ import string
 import unittest
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,6 +22,8 @@ from PIL import Image
 from support import corpus
 from support.services import ServerProcess
 from support.tiny_models import tiny_checkpoint
+
+pytestmark = pytest.mark.live
 
 settings.register_profile(
     "imgcap-fuzz", derandomize=True, database=None, deadline=None, print_blob=False,

@@ -11,14 +11,16 @@ import zlib
 from unittest import mock
 
 import numpy as np
+import pytest
 from PIL import EpsImagePlugin, Image, ImageFile, ImageOps
 
 import errors
 import images
 from images import ALLOWED_FORMATS, ImageLimits, decode_image, sha256_hex
 from support import corpus
-from support.corpus import (bad_files, good_files, optional_good_files, padded_jpeg, png_declaring,
-                            uploads)
+from support.corpus import bad_files, good_files, optional_good_files, padded_jpeg, png_declaring, uploads
+
+pytestmark = pytest.mark.inprocess
 
 ERROR_BY_CODE = {cls.code: cls for cls in (
     errors.EmptyFileError, errors.FileTooLargeError, errors.NotAnImageError, errors.UnsupportedFormatError,

@@ -11,10 +11,11 @@ import time
 import unittest
 from typing import Any
 
+import pytest
 import requests
 
-from support.services import RedisServer, ServerProcess, unique_prefix
-from support.tiny_models import image_bytes, sample_images, tiny_checkpoint
+from support.live import LiveServerTestCase
+from support.tiny_models import image_bytes, sample_images
 
 PATHS = ("/caption-images", "/reset-redis", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
 ADMIN_TOKEN = "test-admin-token"
@@ -35,8 +36,12 @@ def _schemathesis() -> Any:
 def _checks() -> list[Any]:
     """The response checks: no 5xx; status code, content type, headers and body as documented."""
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     return [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
             response_schema_conformance]
@@ -60,6 +65,8 @@ def _json_schema(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 class OpenApiDocumentTest(unittest.TestCase):
     """The document itself, built from a configuration without a server."""
+
+    pytestmark = pytest.mark.inprocess
 
     def setUp(self) -> None:
         from config import Config
@@ -108,6 +115,20 @@ class OpenApiDocumentTest(unittest.TestCase):
         self.assertEqual(schemas["Error"]["properties"]["code"]["enum"], list(REQUEST_ERROR_CODES))
         self.assertEqual(schemas["FileError"]["properties"]["code"]["enum"], list(FILE_ERROR_CODES))
 
+    def test_every_error_class_is_described_and_in_the_readme(self) -> None:
+        import errors
+        from support.services import REPO_ROOT
+
+        readme = (REPO_ROOT / "README.md").read_text()
+        classes = errors.error_classes()
+        self.assertGreaterEqual(len(classes), 30)
+        for code, cls in classes.items():
+            with self.subTest(code=code):
+                self.assertRegex(code, r"^[a-z]+(_[a-z0-9]+)*$")
+                self.assertGreater(len(errors.description(cls)), 15, f"{cls.__name__} needs a docstring")
+                self.assertIn(f"`{code}`", readme, f"{code} is not in the README's error tables")
+                self.assertIn(f"`{code}`", self.document["info"]["description"])
+
     def test_limits_and_security_follow_the_configuration(self) -> None:
         from openapi import openapi_document
 
@@ -136,20 +157,18 @@ class OpenApiDocumentTest(unittest.TestCase):
                                   "GET /readyz", "GET /metrics", "GET /openapi.json", "GET /"})
 
 
-class LiveServerSchemaTest(unittest.TestCase):
+class LiveServerSchemaTest(LiveServerTestCase):
     """A real server (tiny BLIP, real Redis, ADMIN_TOKEN set) checked against the document it serves."""
+
+    pytestmark = pytest.mark.live
+    server_env = {"ADMIN_TOKEN": ADMIN_TOKEN, "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+    own_redis = True  # test_redis_down_reset_is_documented_503 stops it
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.schemathesis = _schemathesis()
-        cls.redis = RedisServer().start()
-        cls.server = ServerProcess(["--blip", "--model-path", str(tiny_checkpoint("blip"))],
-                                   env={"REDIS_URL": cls.redis.url, "CACHE_PREFIX": unique_prefix("openapi"),
-                                        "ADMIN_TOKEN": ADMIN_TOKEN, "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)})
+        super().setUpClass()
         try:
-            cls.server.start(wait_ready=False)
-            cls.while_loading = cls._requests_while_loading()
-            cls.server.wait_ready()
             response = requests.get(cls.server.url + "/openapi.json", timeout=10)
             assert response.status_code == 200, f"/openapi.json answered {response.status_code}: {response.text}"
             cls.document = response.json()
@@ -159,9 +178,8 @@ class LiveServerSchemaTest(unittest.TestCase):
             raise
 
     @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls.redis.close()
+    def while_loading(cls) -> None:
+        cls.answered_while_loading = cls._requests_while_loading()
 
     @classmethod
     def _requests_while_loading(cls) -> dict[str, requests.Response]:
@@ -269,9 +287,9 @@ class LiveServerSchemaTest(unittest.TestCase):
                 self.conforms("GET", path, response)
 
     def test_responses_while_loading_conform(self) -> None:
-        if not self.while_loading:
+        if not self.answered_while_loading:
             self.skipTest("the server was ready before its first answer")  # never seen so far: loading takes s
-        ready, caption = self.while_loading["readyz"], self.while_loading["caption"]
+        ready, caption = self.answered_while_loading["readyz"], self.answered_while_loading["caption"]
         self.assertEqual(ready.json()["status"], "starting")
         self.conforms("GET", "/readyz", ready)
         self.assertEqual(caption.json()["error"]["code"], "not_ready")

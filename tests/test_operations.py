@@ -15,11 +15,15 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
+from support.live import LiveServerTestCase
 from support.services import RedisServer, ServerProcess, unique_prefix
 from support.tiny_models import tiny_checkpoint
+
+pytestmark = pytest.mark.live
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -53,30 +57,16 @@ def model_args() -> list[str]:
     return ["--blip", "--model-path", str(tiny_checkpoint("blip"))]
 
 
-class ProbesMetricsAndLogsTest(unittest.TestCase):
+class ProbesMetricsAndLogsTest(LiveServerTestCase):
     """One server with LOG_FORMAT=json and a Redis of its own, watched from the moment its process starts."""
 
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.redis = RedisServer().start()
-        cls.server = ServerProcess(model_args(), env={"REDIS_URL": cls.redis.url, "LOG_FORMAT": "json",
-                                                     "CACHE_PREFIX": unique_prefix("ops")})
-        try:
-            cls.loading = cls._watch_start()
-        except BaseException:
-            cls.tearDownClass()
-            raise
+    server_env = {"LOG_FORMAT": "json"}
+    own_redis = True  # the readiness test stops it
 
     @classmethod
-    def tearDownClass(cls) -> None:
-        cls.server.stop()
-        cls.redis.close()
-
-    @classmethod
-    def _watch_start(cls) -> dict[str, Any]:
+    def while_loading(cls) -> None:
         """Poll /readyz from process start until 200; keep what was answered while the model was loading."""
         seen: dict[str, Any] = {"readyz": [], "healthz": [], "caption": None}
-        cls.server.start(wait_ready=False)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if cls.server.process.poll() is not None:
@@ -88,13 +78,13 @@ class ProbesMetricsAndLogsTest(unittest.TestCase):
                 continue
             seen["readyz"].append((ready.status_code, ready.json()))
             if ready.status_code == 200:
-                return seen
+                break
             if len(seen["healthz"]) < 3:
                 seen["healthz"].append(requests.get(cls.server.url + "/healthz", timeout=5).status_code)
             if seen["caption"] is None:
                 seen["caption"] = cls.server.post_images([new_image()])
             time.sleep(0.05)
-        raise AssertionError(f"server not ready after 180 s:\n{cls.server.log()}")
+        cls.loading = seen
 
     def get_ready(self) -> dict[str, Any]:
         response = requests.get(self.server.url + "/readyz", timeout=10)

@@ -10,7 +10,10 @@ import os
 import unittest
 import urllib.request
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.live
 
 RUN = os.environ.get("RUN_REAL_MODELS") == "1"
 SKIP_REASON = "real checkpoints are tested only with RUN_REAL_MODELS=1 (needs the Hub or a filled HF_HOME)"

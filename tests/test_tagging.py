@@ -5,8 +5,12 @@ import threading
 import unittest
 from unittest import mock
 
+import pytest
+
 import tagging
 from errors import ConfigError
+
+pytestmark = pytest.mark.inprocess
 
 BEACH = "a woman sitting on the beach with her dog"
 CAPTIONS = [

@@ -7,6 +7,7 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -21,6 +22,8 @@ from support.tiny_models import (
     sample_images,
     tiny_checkpoint,
 )
+
+pytestmark = pytest.mark.inprocess
 
 PROMPTS = {
     "blip": "a photo of",

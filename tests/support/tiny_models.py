@@ -266,6 +266,9 @@ def _build_checkpoint(family: str, variant: str, out_dir: str | os.PathLike) -> 
         model.eval()
         model.save_pretrained(out)
         processor.save_pretrained(out)
+    # The service looks for this file and says, in its log and on the demo page, that the captions are noise.
+    (out / "RANDOM_WEIGHTS").write_text(f"A tiny {family} checkpoint with random weights, built offline by "
+                                        "tests/support/tiny_models.py: its captions are noise.\n")
     return out
 
 
@@ -305,8 +308,7 @@ def _zero_unprintable_output_rows(model, tokenizer):
 
 def _build_blip(variant):
     """Like Salesforce/blip-image-captioning-base: BertTokenizer with [DEC] bos, CLIP-normalised images."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     words = sorted({w for line in _CORPUS for w in re.findall(r"\w+|[^\w\s]", line.lower())})
@@ -345,8 +347,13 @@ def _build_blip2(variant):
     """Like Salesforce/blip2-opt-2.7b: OPT byte-level BPE (</s> is bos and eos, prepended), left padding,
     '<image>' placeholder repeated num_query_tokens times by the processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              GPT2Tokenizer)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        GPT2Tokenizer,
+    )
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -389,8 +396,14 @@ def _build_gemma(variant):
     SigLIP tower + pooled projector, generation_config that samples by default."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              GemmaTokenizer, GenerationConfig)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        GemmaTokenizer,
+        GenerationConfig,
+    )
 
     image_size, patch, mm_tokens = 32, 4, 4  # real: 896, 14, 256
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
@@ -453,9 +466,15 @@ def _build_internvl(variant):
     """Like OpenGVLab/InternVL3-1B-hf: Qwen2Tokenizer (byte-level BPE, <|im_start|>/<|im_end|>), <img> </img>
     <IMG_CONTEXT> <video> tokens, GotOcr2ImageProcessor tiling (+ thumbnail), pixel-shuffle projector, Qwen2 LM."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import (GenerationConfig, GotOcr2ImageProcessor, InternVLConfig,
-                              InternVLForConditionalGeneration, InternVLProcessor, InternVLVideoProcessor,
-                              Qwen2Tokenizer)
+    from transformers import (
+        GenerationConfig,
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        Qwen2Tokenizer,
+    )
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     image_size, patch = 32, 4  # real: 448, 14
@@ -568,3 +587,9 @@ def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, s
     with torch.inference_mode():
         out = model.generate(**inputs, **gen)
     return [text.strip() for text in processor.batch_decode(out[:, start:], skip_special_tokens=True)]
+
+
+if __name__ == "__main__":  # `python tests/support/tiny_models.py [FAMILY]`: build (once) and print the folder
+    import sys
+
+    print(tiny_checkpoint(sys.argv[1] if len(sys.argv) > 1 else "blip"))

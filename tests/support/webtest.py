@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.tiny_models import image_bytes
+from support.tiny_models import image_bytes, sample_images
 
 if TYPE_CHECKING:
     from support.services import ServerProcess
@@ -31,6 +31,12 @@ def new_png(size: tuple[int, int] = (48, 40)) -> bytes:
     return image_bytes(Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB"))
 
 
+def sample_uploads() -> list[tuple[str, bytes]]:
+    """Two of the sample images as uploads: a.jpg (JPEG) and b.png (PNG)."""
+    a, b, _ = sample_images()
+    return [("a.jpg", image_bytes(a, "JPEG")), ("b.png", image_bytes(b, "PNG"))]
+
+
 def proc_status_kb(pid: int, field: str) -> int:
     """A `VmRSS`/`VmHWM`-style field of /proc/PID/status, in kB."""
     with open(f"/proc/{pid}/status") as status:
@@ -38,6 +44,29 @@ def proc_status_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+class PeakRss:
+    """While the block runs, a thread samples a process's VmRSS; `peak_kb` is the highest seen (in kB)."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak_kb = proc_status_kb(pid, "VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, proc_status_kb(self.pid, "VmRSS"))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def metric(server: "ServerProcess", sample_name: str, **labels: str) -> float:
