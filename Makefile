@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 RUN_HASH := $(shell cat requirements.txt | sha256sum | cut -c1-16)
-DEV_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+DEV_HASH := $(shell cat requirements.txt requirements-ray.txt requirements-dev.txt | sha256sum | cut -c1-16)
 
 .PHONY: run demo test test-fast check-services setup setup-dev bench bench-gpu clean-venv
 

@@ -9,6 +9,7 @@ is serving.py, which `python app.py` runs.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import sys
 import time
@@ -17,9 +18,12 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
+from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 import logs
+import openai_api
 from config import Config
 from errors import (
     BadRequestError,
@@ -29,10 +33,14 @@ from errors import (
     HostNotAllowedError,
     HttpError,
     InternalError,
+    InvalidApiKeyError,
+    InvalidBodyError,
+    InvalidOptionError,
     MethodNotAllowedError,
     NoImagesError,
     NotFoundError,
     NotImplementedHttpError,
+    NotReadyError,
     PromptTooLongError,
     RequestTimeoutError,
     RequestTooLargeError,
@@ -43,8 +51,24 @@ from errors import (
 )
 from forms import read_form
 from openapi import openapi_document
-from schemas import Body, CaptionResponse, Error, ErrorBody, Health, NotReady, Ready, ResetResponse
-from service import CaptionService
+from schemas import (
+    Body,
+    CaptionRequest,
+    CaptionResponse,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Error,
+    ErrorBody,
+    Health,
+    ModelCard,
+    ModelList,
+    NotReady,
+    Ready,
+    ResetResponse,
+    field_error,
+)
+from service import Ask, CaptionService
+from sources import ImageSources, Source
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +87,16 @@ RESET_MESSAGES = {"redis": "Redis cache cleared", "memory": "In-process cache cl
                   "off": "Nothing to clear (CACHE_BACKEND=off)"}
 
 api = Blueprint("api", __name__)
+openai = Blueprint("openai", __name__, url_prefix="/v1")  # the OpenAI-compatible API (openai_api.py)
 page = Blueprint("page", __name__)
+
+
+class ModelIdConverter(PathConverter):
+    """A model id as the rest of the path: a Hub id (`Salesforce/blip-...`) or a local folder (`/models/blip`, which
+    starts with a slash, unlike what werkzeug's `path` takes)."""
+
+    regex = ".+"
+    part_isolating = False  # werkzeug would infer True from a regex without "/"
 
 
 class JsonResponse(Response):
@@ -94,8 +127,12 @@ def create_app(config: Config | None = None, *, service: CaptionService | None =
     # No redirects: a merged slash would answer a 308 pointing at whatever Host the client sent. (The only
     # rule ending in a slash is "/", so strict slashes never redirect.)
     app.url_map.merge_slashes = False
+    app.url_map.converters["model_id"] = ModelIdConverter
     app.extensions["caption_service"] = service
+    app.extensions["image_sources"] = ImageSources(config)
+    app.extensions["created"] = int(time.time())
     app.register_blueprint(api)
+    app.register_blueprint(openai)
     app.register_blueprint(page)
     app.register_error_handler(ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -119,6 +156,7 @@ def index() -> Response:
     html = render_template("index.html", info=service.readiness(), model=service.model_info(),
                            default_prompt=service.config.caption_prompt or "",
                            admin_token_required=bool(service.config.admin_token),
+                           api_key_required=bool(service.config.api_key),
                            limits={"max_files_per_request": service.config.max_files_per_request,
                                    "max_request_bytes": service.config.max_request_bytes})
     return Response(html, mimetype="text/html")
@@ -127,22 +165,126 @@ def index() -> Response:
 # ----- the API ------------------------------------------------------------------------------------------------
 @api.post("/caption-images")
 def caption_images() -> Response:
-    """Caption and tag every file uploaded under `images`; per-file errors leave the others intact."""
+    """Caption and tag every image of the request (multipart files under `images`, or a JSON body with base64
+    data and URLs); per-image errors leave the others intact."""
     service = get_service()
-    limit = service.config.max_files_per_request
-    form = read_form(request.stream, request.headers.get("Content-Type", ""), max_parts=limit + 16)
-    if not form.uploads:
-        other = sorted(set(form.other_file_fields))
-        hint = f" (found files under {', '.join(map(repr, other))})" if other else ""
-        raise NoImagesError(f"send one or more files as multipart/form-data under the field 'images'{hint}")
-    if len(form.uploads) > limit:
-        raise TooManyFilesError(f"{len(form.uploads)} files sent; at most {limit} per request (MAX_FILES_PER_REQUEST)")
-    prompt = (form.fields.get("prompt") or "").strip() or None
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        raise PromptTooLongError(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
-    answer = service.caption_uploads(form.uploads, prompt)
+    _require_api_key(service.config)
+    if _is_json(request.mimetype):
+        body = read_json(CaptionRequest)
+        _check_count(len(body.images), service.config.max_files_per_request)
+        ask = _ask(service, body.prompt, max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+        uploads, refused = get_sources().uploads([Source(i.filename, i.data, i.url) for i in body.images])
+    else:
+        limit = service.config.max_files_per_request
+        form = read_form(request.stream, request.headers.get("Content-Type", ""), max_parts=limit + 16)
+        if not form.uploads:
+            other = sorted(set(form.other_file_fields))
+            hint = f" (found files under {', '.join(map(repr, other))})" if other else ""
+            raise NoImagesError(f"send one or more files as multipart/form-data under the field 'images', or a "
+                                f"JSON body{hint}")
+        _check_count(len(form.uploads), limit)
+        ask = _ask(service, form.fields.get("prompt"), max_new_tokens=_form_int(form.fields, "max_new_tokens"),
+                   num_beams=_form_int(form.fields, "num_beams"))
+        uploads, refused = form.uploads, {}
+    answer = service.caption_uploads(uploads, ask, refused=refused)
     body = CaptionResponse.model_validate({"results": answer.results, "model": service.model_info()})
     return json_response(body, caption_status(answer.errors))
+
+
+def get_sources() -> ImageSources:
+    """Base64 and URL images of the current app."""
+    return current_app.extensions["image_sources"]
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def read_json(model: type[BaseModel]) -> Any:
+    """The request's JSON body validated by `model` (InvalidBodyError naming the field otherwise)."""
+    if not _is_json(request.mimetype):
+        raise UnsupportedMediaTypeError("send the body as JSON (Content-Type: application/json)")
+    try:
+        return model.model_validate_json(request.get_data(cache=False))
+    except ValidationError as exc:
+        raise InvalidBodyError(f"the JSON body is not valid: {field_error(exc)}") from None
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise TooManyFilesError(f"{count} images sent; at most {limit} per request (MAX_FILES_PER_REQUEST)")
+
+
+def _form_int(fields: dict[str, str], name: str) -> int | None:
+    text = (fields.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidOptionError(f"{name} must be a whole number, not {text[:40]!r}", param=name) from None
+
+
+def _ask(service: CaptionService, prompt: str | None, *, system_prompt: str | None = None,
+         max_new_tokens: int | None = None, num_beams: int | None = None) -> Ask:
+    """A request's options, checked (the service checks them against the model once it is loaded)."""
+    prompt = (prompt or "").strip() or None
+    for name, text in (("prompt", prompt), ("system prompt", system_prompt)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise PromptTooLongError(f"the {name} is {len(text)} characters; at most {MAX_PROMPT_CHARS}",
+                                     param="messages" if name == "system prompt" else "prompt")
+    if not service.ready:
+        raise NotReadyError("the model is still loading; retry in a few seconds", retry_after=5)
+    return service.ask(prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+# ----- the OpenAI-compatible API ------------------------------------------------------------------------------
+@openai.get("/models")
+def list_models() -> Response:
+    """The loaded checkpoint, as OpenAI's model list."""
+    _require_api_key(get_service().config)
+    return json_response(ModelList.model_validate({"object": "list", "data": [_model_card()]}))
+
+
+@openai.get("/models/<model_id:model_id>")
+def get_model(model_id: str) -> Response:
+    """The loaded checkpoint by its id (404 for any other)."""
+    _require_api_key(get_service().config)
+    card = _model_card()
+    if model_id != card["id"]:
+        raise NotFoundError(f"this server serves {card['id']!r} only, not {model_id!r}", param="model")
+    return json_response(ModelCard.model_validate(card))
+
+
+def _model_card() -> dict[str, Any]:
+    return {"id": get_service().model_info()["id"], "object": "model", "created": current_app.extensions["created"],
+            "owned_by": "imgcap"}
+
+
+@openai.post("/chat/completions")
+def chat_completions() -> Response:
+    """A caption of the one image of a chat request, as an OpenAI chat completion (or its stream)."""
+    service = get_service()
+    _require_api_key(service.config)
+    chat = openai_api.read_chat(read_json(ChatCompletionRequest))
+    ask = _ask(service, chat.prompt, system_prompt=chat.system_prompt, max_new_tokens=chat.max_new_tokens)
+    source = Source("", data=chat.image_url) if chat.image_url[:5].lower() == "data:" else Source("", url=chat.image_url)
+    uploads, refused = get_sources().uploads([source])
+    answer = service.caption_uploads(uploads, ask, refused=refused)
+    if answer.errors[0] is not None:
+        error = answer.errors[0]
+        error.param = error.param or "messages"
+        raise error
+    result = answer.results[0]
+    captioner = service.captioner
+    new_tokens = captioner.count_tokens(result["caption"])
+    usage = {"prompt_tokens": captioner.input_tokens(ask.prompt, ask.system_prompt), "completion_tokens": new_tokens}
+    done = openai_api.completion(service.model_info()["id"], result, usage,
+                                 "length" if new_tokens >= ask.params.max_new_tokens else "stop")
+    if chat.stream:
+        return Response(openai_api.stream_events(done, chat.include_usage), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache"})
+    return json_response(ChatCompletion.model_validate(done))
 
 
 def caption_status(errors: Sequence[ServiceError | None]) -> int:
@@ -193,6 +335,16 @@ def metrics() -> Response:
 def openapi_json() -> Response:
     """The OpenAPI 3 description of this API (limits and security as this server applies them)."""
     return jsonify(openapi_document(get_service().config, max_prompt_chars=MAX_PROMPT_CHARS))
+
+
+def _require_api_key(config: Config) -> None:
+    """With API_KEY set, the caption endpoints need `Authorization: Bearer <API_KEY>`."""
+    if not config.api_key:
+        return
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
+        raise InvalidApiKeyError("this server needs the header 'Authorization: Bearer <API_KEY>' (missing or wrong "
+                                 "key)")
 
 
 def _require_admin(config: Config) -> None:
@@ -276,8 +428,12 @@ def json_response(body: Body, status: int = 200) -> Response:
 
 def _error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
     # Not validated: an error answer must never fail to build (the code comes from an error class anyway).
-    body = ErrorBody.model_construct(error=Error.model_construct(code=error.code, message=error.message))
-    response = json_response(body, error.status_code)
+    if request.path.startswith("/v1/"):  # OpenAI's shape, so that OpenAI SDKs raise the matching exception
+        status, shaped = openai_api.error_body(error)
+        response = current_app.response_class(json.dumps(shaped), status=status, mimetype="application/json")
+    else:
+        body = ErrorBody.model_construct(error=Error.model_construct(code=error.code, message=error.message))
+        response = json_response(body, error.status_code)
     response.headers.update(headers or {})
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)

@@ -71,6 +71,19 @@ class Config:
     max_files_per_request: int = _setting(32, "MAX_FILES_PER_REQUEST")
     max_file_bytes: int = _setting(20 * MiB, "MAX_FILE_BYTES")
     max_image_pixels: int = _setting(50_000_000, "MAX_IMAGE_PIXELS")
+    max_num_beams: int = _setting(4, "MAX_NUM_BEAMS", None,
+                                  "largest num_beams a request may ask for (beam search; 1: greedy only)")
+    image_urls: bool = _setting(True, "IMAGE_URLS", None, "fetch images that requests give by URL (off: refuse them)")
+    image_url_allowed_hosts: str | None = _setting(
+        None, "IMAGE_URL_ALLOWED_HOSTS", None,
+        "hosts image URLs may reach even on private or loopback addresses, comma-separated: name, name:port, "
+        "[v6]:port or a CIDR network")
+    image_url_allow_private: bool = _setting(False, "IMAGE_URL_ALLOW_PRIVATE", None,
+                                             "let image URLs reach any address (private networks, loopback)")
+    image_url_timeout_seconds: float = _setting(15.0, "IMAGE_URL_TIMEOUT_SECONDS", None,
+                                                "deadline of one image URL fetch, redirects included")
+    api_key: str | None = _setting(None, "API_KEY", None,
+                                   "when set, /caption-images and /v1/* need 'Authorization: Bearer <API_KEY>'")
     decode_budget_pixels: int = _setting(0, "DECODE_BUDGET_PIXELS", None,
                                          "pixels decoded and preprocessed at once, all requests together "
                                          "(0: MAX_IMAGE_PIXELS); more waits for room")
@@ -107,7 +120,7 @@ class Config:
         for name in ("max_new_tokens", "max_batch_size", "port", "threads", "cache_ttl_seconds", "max_request_bytes",
                      "max_files_per_request", "max_file_bytes", "max_image_pixels", "max_queue_images",
                      "memory_cache_max_entries", "connection_limit", "header_timeout_seconds",
-                     "body_timeout_seconds", "idle_timeout_seconds"):
+                     "body_timeout_seconds", "idle_timeout_seconds", "max_num_beams", "image_url_timeout_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{_describe(name)} must be a positive number, not {getattr(self, name)}")
         if self.max_queue_images < self.max_files_per_request:
@@ -187,13 +200,15 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, not {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of SPEC §3 (argparse exits with code 2 on usage errors)."""
-    parser = argparse.ArgumentParser(
-        prog="python app.py",
-        description="Image captioning and tagging service. Every flag can also be set in the environment "
-                    "or in .env (see .env.example); flags win over the environment, which wins over .env.",
-    )
+SERVER_DESCRIPTION = ("Image captioning and tagging service. Every flag can also be set in the environment or in "
+                      ".env (see .env.example); flags win over the environment, which wins over .env.")
+
+
+def build_parser(prog: str = "python app.py", description: str = SERVER_DESCRIPTION,
+                 **kwargs: Any) -> argparse.ArgumentParser:
+    """The command line of SPEC §3 (argparse exits with code 2 on usage errors); other commands (bulk.py) add
+    their own arguments to it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
     models = parser.add_mutually_exclusive_group()
     for family in FAMILIES.values():
         default = "; the default" if family.id == DEFAULT_FAMILY else ""
@@ -210,7 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
                 dotenv_path: str | os.PathLike | None = None) -> Config:
     """Build the Config: defaults < .env < environment < flags. Raises ConfigError on bad values."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    return config_from_args(build_parser().parse_args(list(argv) if argv is not None else None), environ,
+                            dotenv_path)
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                     dotenv_path: str | os.PathLike | None = None) -> Config:
+    """The Config of parsed flags (from build_parser) over the environment and .env."""
     environ = os.environ if environ is None else environ
     dotenv = read_dotenv(dotenv_path if dotenv_path is not None else dotenv_file(environ))
     values: dict[str, Any] = {}

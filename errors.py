@@ -22,10 +22,11 @@ class ServiceError(Exception):
     code: str = ""
     scope: frozenset[str] = frozenset({"request"})
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.param = param  # the request field at fault, when there is one (OpenAI's error `param`)
 
     def to_dict(self) -> dict[str, str]:
         """The `{"code": …, "message": …}` object used in every error body."""
@@ -87,6 +88,20 @@ class PromptTooLongError(BadRequestError):
     scope = frozenset({"request", "file"})  # a file can also be one whose image makes too many tokens
 
 
+class InvalidBodyError(BadRequestError):
+    """The JSON body is not valid JSON, or not the documented shape (a missing, unknown or mistyped field; the
+    message names it)."""
+
+    code = "invalid_body"
+
+
+class InvalidOptionError(BadRequestError):
+    """A generation option outside what this server allows (`max_new_tokens` above MAX_NEW_TOKENS, `num_beams`
+    above MAX_NUM_BEAMS, a `temperature` other than 0, `n` other than 1); the message names the bound."""
+
+    code = "invalid_option"
+
+
 class UnreadablePartError(BadRequestError):
     """A part of the multipart body could not be read (its headers or its text field are malformed)."""
 
@@ -97,6 +112,13 @@ class HostNotAllowedError(BadRequestError):
     """The request's Host is not one of ALLOWED_HOSTS (a protection against DNS rebinding)."""
 
     code = "host_not_allowed"
+
+
+class InvalidApiKeyError(ServiceError):
+    """API_KEY is set and the request's `Authorization: Bearer` key is missing or wrong."""
+
+    status_code = 401
+    code = "invalid_api_key"
 
 
 class UnauthorizedError(ServiceError):
@@ -245,6 +267,13 @@ class TooManyPixelsError(BadImageError):
 
     status_code = 413
     code = "too_many_pixels"
+
+
+class UnreadableFileError(BadImageError):
+    """Bulk captioning: an input file (or archive member) could not be read (it vanished, no permission, a
+    damaged archive)."""
+
+    code = "unreadable_file"
 
 
 class InvalidBase64Error(BadImageError):

@@ -15,6 +15,7 @@ import schemas
 from errors import (
     CacheUnavailableError,
     HttpError,
+    InvalidApiKeyError,
     NotReadyError,
     OverloadedError,
     ServiceError,
@@ -54,7 +55,7 @@ def _code(*classes: type[ServiceError]) -> str:
 
 def openapi_document(config: "Config", *, max_prompt_chars: int = 2000) -> dict[str, Any]:
     """The OpenAPI 3.0.3 document of this service under `config` (a JSON-able dict)."""
-    admin = bool(config.admin_token)
+    admin, keyed = bool(config.admin_token), bool(config.api_key)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -62,9 +63,13 @@ def openapi_document(config: "Config", *, max_prompt_chars: int = 2000) -> dict[
             "version": API_VERSION,
             "description": _api_description(),
         },
-        "tags": [{"name": "captions"}, {"name": "cache"}, {"name": "operations"}],
+        "tags": [{"name": "captions"}, {"name": "openai", "description": "The OpenAI-compatible API"},
+                 {"name": "cache"}, {"name": "operations"}],
         "paths": {
-            "/caption-images": {"post": _caption_images(config, max_prompt_chars)},
+            "/caption-images": {"post": _keyed(_caption_images(config, max_prompt_chars), keyed)},
+            "/v1/models": {"get": _keyed(_list_models(), keyed)},
+            "/v1/models/{model_id}": {"get": _keyed(_get_model(), keyed)},
+            "/v1/chat/completions": {"post": _keyed(_chat_completions(config, max_prompt_chars), keyed)},
             "/reset-redis": {"get": _reset_redis("get", admin), "post": _reset_redis("post", admin)},
             "/healthz": {"get": _healthz()},
             "/readyz": {"get": _readyz()},
@@ -72,7 +77,7 @@ def openapi_document(config: "Config", *, max_prompt_chars: int = 2000) -> dict[
             "/openapi.json": {"get": _openapi_json()},
             "/": {"get": _index()},
         },
-        "components": _components(admin),
+        "components": _components(admin, keyed),
     }
 
 
@@ -113,9 +118,16 @@ def _caption_images(config: "Config", max_prompt_chars: int) -> dict[str, Any]:
                             "description": ("Overrides the server's default prompt for this request; empty (or "
                                             "only spaces) means the default."),
                         },
+                        "max_new_tokens": {"type": "string", "pattern": "^[0-9]{1,6}$", "description": (
+                            f"Longest caption in new tokens, 1 to {config.max_new_tokens} (MAX_NEW_TOKENS, the "
+                            f"default).")},
+                        "num_beams": {"type": "string", "pattern": "^[0-9]{1,3}$", "description": (
+                            f"Beam search width, 1 (greedy, the default) to {config.max_num_beams} "
+                            f"(MAX_NUM_BEAMS).")},
                     },
                 },
-            }},
+            },
+                "application/json": {"schema": _ref("CaptionRequest")}},
         },
         "responses": {
             "200": _json("At least one file was captioned.", _ref("CaptionResponse")),
@@ -131,6 +143,69 @@ def _caption_images(config: "Config", max_prompt_chars: int) -> dict[str, Any]:
             "502": _json("No file could be captioned: every image URL failed to fetch.", _ref("CaptionResponse")),
             "503": _json(f"{_code(NotReadyError)} (the model is loading) or {_code(OverloadedError)} (too much "
                          f"queued work).", _ref("ErrorBody"), retry_after=True),
+        },
+    }
+
+
+def _keyed(operation: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """An operation that needs `Authorization: Bearer <API_KEY>` when API_KEY is set."""
+    if keyed:
+        operation["security"] = [{"apiKey": []}]
+        operation["responses"]["401"] = _json(f"{_code(InvalidApiKeyError)}: the API key is missing or wrong.",
+                                              _error_ref(operation))
+    return operation
+
+
+def _error_ref(operation: dict[str, Any]) -> dict[str, str]:
+    return _ref("OpenAIErrorBody") if "openai" in operation["tags"] else _ref("ErrorBody")
+
+
+def _list_models() -> dict[str, Any]:
+    return {
+        "tags": ["openai"], "operationId": "listModels", "summary": "The loaded checkpoint (OpenAI's model list)",
+        "parameters": [_ref("RequestId", "parameters")],
+        "responses": {"200": _json("The one model this server serves.", _ref("ModelList"))},
+    }
+
+
+def _get_model() -> dict[str, Any]:
+    return {
+        "tags": ["openai"], "operationId": "getModel", "summary": "The loaded checkpoint by its id",
+        "parameters": [_ref("RequestId", "parameters"),
+                       {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": _json("The model.", _ref("ModelCard")),
+                      "404": _json("Not the loaded checkpoint.", _ref("OpenAIErrorBody"))},
+    }
+
+
+def _chat_completions(config: "Config", max_prompt_chars: int) -> dict[str, Any]:
+    return {
+        "tags": ["openai"], "operationId": "createChatCompletion",
+        "summary": "Caption one image, as an OpenAI chat completion",
+        "description": (
+            "One user message holding one `image_url` part (a `data:` URI or an http(s) URL) and optionally text "
+            f"parts (the prompt, at most {max_prompt_chars} characters); an optional system message, the system "
+            "turn of the chat families (refused for BLIP and BLIP-2). `max_tokens` / `max_completion_tokens` "
+            f"1 to {config.max_new_tokens}; `n` 1; `temperature` 0 or absent. The caption is "
+            "`choices[0].message.content`; `tags` and `cached` are extra fields. With `stream: true` the answer "
+            "is `text/event-stream`: chat.completion.chunk objects, then `data: [DONE]`. Errors use OpenAI's "
+            "shape (`OpenAIErrorBody`; `code` is this server's error code); a refused image is a 400."),
+        "parameters": [_ref("RequestId", "parameters")],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatCompletionRequest")}}},
+        "responses": {
+            "200": {"description": "The caption (or its event stream).", "headers": _headers(), "content": {
+                "application/json": {"schema": _ref("ChatCompletion")},
+                "text/event-stream": {"schema": {
+                    "type": "object", "required": ["data"],
+                    "description": ("One server-sent event: `data` is a chat.completion.chunk as JSON, the last "
+                                    "one `[DONE]`."),
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}},
+            "400": _json("The request or its image is refused (see `error.code`).", _ref("OpenAIErrorBody")),
+            "413": _json(f"{_with_status(413)}.", _ref("OpenAIErrorBody")),
+            "415": _json("The body is not JSON.", _ref("OpenAIErrorBody")),
+            "500": _json("The model failed on the image, or an unexpected fault.", _ref("OpenAIErrorBody")),
+            "503": _json(f"{_code(NotReadyError)} or {_code(OverloadedError)}.", _ref("OpenAIErrorBody"),
+                         retry_after=True),
         },
     }
 
@@ -219,7 +294,7 @@ def _index() -> dict[str, Any]:
 
 
 # ----- components ---------------------------------------------------------------------------------------------
-def _components(admin: bool) -> dict[str, Any]:
+def _components(admin: bool, keyed: bool = False) -> dict[str, Any]:
     components: dict[str, Any] = {
         "schemas": body_schemas(),
         "parameters": {
@@ -236,9 +311,13 @@ def _components(admin: bool) -> dict[str, Any]:
                             "description": "Seconds to wait before retrying."},
         },
     }
+    schemes = {}
     if admin:
-        components["securitySchemes"] = {"adminToken": {
-            "type": "http", "scheme": "bearer", "description": "The server's ADMIN_TOKEN."}}
+        schemes["adminToken"] = {"type": "http", "scheme": "bearer", "description": "The server's ADMIN_TOKEN."}
+    if keyed:
+        schemes["apiKey"] = {"type": "http", "scheme": "bearer", "description": "The server's API_KEY."}
+    if schemes:
+        components["securitySchemes"] = schemes
     return components
 
 

@@ -18,7 +18,7 @@ from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
 from captioners.base import GenerationParams
 from claims import Claim, Claims
-from errors import CaptioningError, NotReadyError, ServiceError
+from errors import CaptioningError, InvalidOptionError, InvalidPromptError, NotReadyError, ServiceError
 from images import ImageLimits, PixelBudget, check_size, declared_pixels, decode_image, sha256_hex
 from metrics import Metrics
 
@@ -30,6 +30,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CAPTIONER_SCHEMA = 1  # bump when the way captions are produced changes (prompt handling, decoding)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a request asks of the model besides its images: the prompt, the system turn (chat families; None:
+    the configured one) and the decoding options. Requests with equal asks may share one generate() call, and
+    the ask is part of every cache key."""
+
+    prompt: str | None
+    system_prompt: str | None
+    params: GenerationParams
 
 
 @dataclass(frozen=True)
@@ -60,15 +71,18 @@ class CaptionService:
         self._ready = threading.Event()
 
     # ----- set-up -----------------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Load the tagger, open the cache, load and warm up the model, start the batcher. Raises on failure."""
+    def start(self, model: bool = True) -> None:
+        """Load the tagger, open the cache, load and warm up the model, start the batcher. Raises on failure.
+
+        `model=False` prepares only (lookup_and_prepare): the processor without the weights, no batcher.
+        """
         try:
-            self._start()
+            self._start(model)
         except BaseException:
             self.state = "failed"
             raise
 
-    def _start(self) -> None:
+    def _start(self, model: bool = True) -> None:
         from captioners import create_captioner
         from errors import ConfigError
         from tagging import Tagger
@@ -83,12 +97,14 @@ class CaptionService:
             c = self.config
             self.captioner = create_captioner(c.family, c.model_path, c.revision, c.device, c.dtype,
                                               c.system_prompt)
-        if not self.captioner.loaded:
-            self.captioner.load()
+        if not self.captioner.loaded and not (self.captioner.processor is not None and not model):
+            self.captioner.load(weights=model)
         try:
             self.captioner.check_prompt(self.config.caption_prompt, self.params)
         except ServiceError as exc:
             raise ConfigError(f"--caption-prompt (CAPTION_PROMPT): {exc.message}") from None
+        if not model:
+            return
         self.metrics.model_load_seconds.set(self.captioner.load_seconds or 0.0)
         if self.config.warmup:
             self._warm_up()
@@ -136,7 +152,8 @@ class CaptionService:
         info: dict[str, Any] = {"status": self.state, "model": self.model_info()}
         if self.captioner is not None:
             described = self.captioner.describe()
-            info.update(device=described["device"], dtype=described["dtype"], revision=described["revision"],
+            info.update(device=described["device"], dtype=described["dtype"], dtype_reason=described["dtype_reason"],
+                        revision=described["revision"],
                         random_weights=bool(described.get("random_weights")))
         backend = self.cache.backend if self.cache else None
         info["cache"] = {"backend": backend,
@@ -145,70 +162,106 @@ class CaptionService:
         return info
 
     # ----- the data path ------------------------------------------------------------------------------------
-    def config_fingerprint(self, prompt: str | None) -> str:
-        """Hash of everything besides the image that changes the answer to a request with this prompt."""
+    def config_fingerprint(self, ask: Ask | str | None) -> str:
+        """Hash of everything besides the image that changes the answer to a request with this ask (or prompt)."""
+        if not isinstance(ask, Ask):
+            ask = Ask(ask, None, self.params)
         captioner = self.captioner
         return fingerprint(
             family=captioner.family, model=captioner.model_id, revision=captioner.revision,
-            dtype=captioner.describe()["dtype"], prompt=captioner.effective_prompt(prompt),
-            system_prompt=captioner.system_prompt, params=self.params, tagger=self.tagger.version,
-            captioner_schema=CAPTIONER_SCHEMA,
+            dtype=captioner.describe()["dtype"], prompt=captioner.effective_prompt(ask.prompt),
+            system_prompt=ask.system_prompt or captioner.system_prompt, params=ask.params,
+            tagger=self.tagger.version, captioner_schema=CAPTIONER_SCHEMA,
         )
 
-    def request_prompt(self, prompt: str | None) -> str | None:
-        """The prompt a request gets (its own, else the server's default), checked against the tokenizer."""
+    def ask(self, prompt: str | None = None, *, system_prompt: str | None = None, max_new_tokens: int | None = None,
+            num_beams: int | None = None) -> Ask:
+        """A request's options, checked (bounds, the tokenizer's special tokens, room for the caption), with
+        the server's defaults where the request says nothing: its prompt, else CAPTION_PROMPT."""
+        limit, beams = self.config.max_new_tokens, self.config.max_num_beams
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= limit:
+            raise InvalidOptionError(f"max_new_tokens must be between 1 and {limit} (this server's "
+                                     f"MAX_NEW_TOKENS), not {max_new_tokens}", param="max_new_tokens")
+        if num_beams is not None and not 1 <= num_beams <= beams:
+            raise InvalidOptionError(f"num_beams must be between 1 and {beams} (this server's MAX_NUM_BEAMS), not "
+                                     f"{num_beams}", param="num_beams")
+        params = self.params
+        if max_new_tokens is not None or num_beams is not None:
+            new = max_new_tokens if max_new_tokens is not None else params.max_new_tokens
+            params = GenerationParams(max_new_tokens=new, min_new_tokens=min(params.min_new_tokens, new),
+                                      num_beams=num_beams if num_beams is not None else params.num_beams)
+        if system_prompt is not None and not self.captioner.takes_system_prompt:
+            raise InvalidPromptError(f"{self.captioner.spec.name} has no system turn: send the text as the prompt "
+                                     f"instead", param="messages")
         prompt = prompt or self.config.caption_prompt or None
-        self.captioner.check_prompt(prompt, self.params)
-        return prompt
+        self.captioner.check_prompt(system_prompt, GenerationParams(max_new_tokens=1))
+        self.captioner.check_prompt(prompt, params, system_prompt=system_prompt)
+        return Ask(prompt, system_prompt or None, params)
 
-    def caption_uploads(self, uploads: Sequence[Upload], prompt: str | None) -> "Answer":
-        """One result per upload, in order: caption, tags and whether it came from the cache, or its error."""
+    def request_prompt(self, prompt: str | None) -> Ask:
+        """The ask of a request that gives only a prompt (or nothing): the server's defaults otherwise."""
+        return self.ask(prompt)
+
+    def caption_uploads(self, uploads: Sequence[Upload], ask: Ask | str | None,
+                        refused: dict[int, ServiceError] | None = None) -> "Answer":
+        """One result per upload, in order: caption, tags and whether it came from the cache, or its error.
+        `ask`: the request's options (service.ask(...); a prompt or None for the defaults). `refused`: uploads
+        already answered with an error by the caller (by index)."""
         if not self.ready:
             raise NotReadyError("the model is still loading; retry in a few seconds", retry_after=5)
-        prompt = self.request_prompt(prompt)
-        group = (prompt, self.params)
+        prompt = ask if isinstance(ask, Ask) else self.ask(ask)
         answer = Answer(uploads)
-        claim = Claim()
-        try:
-            # Announce the files before hashing and decoding them, so that a batch forming in the model
-            # thread waits for them instead of leaving without them.
-            with self.batcher.expecting(len(uploads)):
-                self._hash(uploads, self.config_fingerprint(prompt), answer)
-                answer.found(dict(zip(answer.pending, self.cache.get_many(answer.pending))), cached=True)
-                self._count_lookups(answer)
-                futures = self.batcher.join(answer.pending)  # being captioned now: no need to decode them
-                inputs = self._prepare([key for key in answer.pending if key not in futures], prompt, answer)
-                claim = self.claims.acquire(list(inputs))
-                answer.found(claim.stored, cached=True)
-                futures.update(self._submit({key: inputs[key] for key in claim.ours}, group))
-            if claim.theirs:
-                found, orphaned = self.claims.wait(claim.theirs)
-                answer.found(found, cached=True)
-                futures.update(self._submit({key: inputs[key] for key in orphaned}, group))
-            for key, future in futures.items():
-                answer.resolve(key, future)
-        finally:
-            self.claims.release(claim.ours)
+        for index, error in (refused or {}).items():
+            answer.fail(index, error)
+        # Announce the files before hashing and decoding them, so that a batch forming in the model thread
+        # waits for them instead of leaving without them.
+        with self.batcher.expecting(len(uploads)):
+            inputs, joined = self.lookup_and_prepare(answer, prompt)
+            pending = self.submit_prepared(inputs, prompt, joined)
+        answer.settle(pending.results())
         for outcome, count in answer.outcomes().items():
             self.metrics.images.labels(outcome).inc(count)
         return answer
 
+    def lookup_and_prepare(self, answer: "Answer", prompt: Ask) -> tuple[dict[str, Any], dict[str, Future]]:
+        """The first half, which needs no model: each file's key, the cache's answers, the files already being
+        captioned (joined), and the decoded, preprocessed model inputs of the others (by key)."""
+        self._hash(answer.uploads, self.config_fingerprint(prompt), answer)
+        answer.found(dict(zip(answer.pending, self.cache.get_many(answer.pending))), cached=True)
+        self._count_lookups(answer)
+        joined = self.batcher.join(answer.pending) if self.batcher else {}  # no need to decode those
+        return self._prepare([key for key in answer.pending if key not in joined], prompt, answer), joined
+
+    def submit_prepared(self, inputs: dict[str, Any], prompt: Ask,
+                        joined: dict[str, Future] | None = None) -> "Pending":
+        """The second half: claim the keys across replicas and queue ours for the model (see Pending)."""
+        claim = self.claims.acquire(list(inputs))
+        try:
+            futures = {**(joined or {}), **self._submit({key: inputs[key] for key in claim.ours}, prompt)}
+        except BaseException:
+            self.claims.release(claim.ours)
+            raise
+        return Pending(self, claim, futures, inputs, prompt)
+
     def _hash(self, uploads: Sequence[Upload], config_fp: str, answer: "Answer") -> None:
         """Each upload's cache key (uploads over MAX_FILE_BYTES are refused before hashing)."""
         for index, upload in enumerate(uploads):
+            if answer.errors[index] is not None:
+                continue  # refused before it got here (a bulk input that could not be read)
             try:
                 check_size(upload.data, self.limits)
             except ServiceError as exc:
                 answer.fail(index, exc)
             else:
-                answer.expect(index, cache_key(self.config.cache_prefix, config_fp, sha256_hex(upload.data)))
+                answer.digests[index] = sha256_hex(upload.data)
+                answer.expect(index, cache_key(self.config.cache_prefix, config_fp, answer.digests[index]))
 
     def _count_lookups(self, answer: "Answer") -> None:
         hits = sum(1 for result in answer.results if result.get("cached"))
         self.metrics.cache_requests.labels("hit").inc(hits)
         self.metrics.cache_requests.labels("miss").inc(len(answer.pending))
 
-    def _prepare(self, keys: list[str], prompt: str | None, answer: "Answer") -> dict[str, Any]:
+    def _prepare(self, keys: list[str], prompt: Ask, answer: "Answer") -> dict[str, Any]:
         """The model inputs of each key's file, decoded and preprocessed in parallel; failures are answered.
 
         The full-size image lives only inside one worker call: it is decoded under the pixel budget (so that
@@ -218,7 +271,8 @@ class CaptionService:
             data = answer.data(key)
             try:
                 with self.pixel_budget.hold(declared_pixels(data, self.limits)):
-                    return self.captioner.prepare(decode_image(data, self.limits), prompt, self.params)
+                    return self.captioner.prepare(decode_image(data, self.limits), prompt.prompt, prompt.params,
+                                                  system_prompt=prompt.system_prompt)
             except ServiceError as exc:
                 return exc
             except Exception as exc:  # noqa: BLE001 - the processor failed on this file: its error, not a 500
@@ -234,10 +288,11 @@ class CaptionService:
                 inputs[key] = result
         return inputs
 
-    def _submit(self, inputs: dict[str, Any], group: Hashable) -> dict[str, Future]:
+    def _submit(self, inputs: dict[str, Any], prompt: Ask) -> dict[str, Future]:
         if not inputs:
             return {}
-        return dict(zip(inputs, self.batcher.submit([(key, value, group) for key, value in inputs.items()])))
+        # The ask is the batch group: only images with the same prompt and options share a generate() call.
+        return dict(zip(inputs, self.batcher.submit([(key, value, prompt) for key, value in inputs.items()])))
 
     def reset_cache(self) -> int:
         """Delete this service's cache entries; returns how many."""
@@ -245,13 +300,44 @@ class CaptionService:
 
     # ----- batcher callbacks (model thread, post-processing thread) ------------------------------------------
     def _forward(self, inputs: list[Any], group: Hashable) -> list[str]:
-        _prompt, params = group
-        return self.captioner.generate(inputs, params)
+        assert isinstance(group, Ask)
+        return self.captioner.generate(inputs, group.params)
 
     def _postprocess(self, jobs: list[Job], captions: list[str]) -> list[dict[str, Any]]:
         values = [{"caption": caption, "tags": tags} for caption, tags in zip(captions, self.tagger.tags_many(captions))]
         self.cache.set_many({job.key: value for job, value in zip(jobs, values)})
         return values
+
+
+class Pending:
+    """Captions on their way: our futures in the batcher, and the keys another replica is captioning.
+
+    `results()` waits for all of them (captioning here what another replica gave up on), releases our claims,
+    and returns each key's (value, cached) or its ServiceError.
+    """
+
+    def __init__(self, service: CaptionService, claim: Claim, futures: dict[str, Future], inputs: dict[str, Any],
+                 prompt: Ask) -> None:
+        self.service, self.claim, self.futures, self.inputs, self.prompt = service, claim, futures, inputs, prompt
+
+    def results(self) -> dict[str, "tuple[dict[str, Any], bool] | ServiceError"]:
+        out: dict[str, tuple[dict[str, Any], bool] | ServiceError] = {
+            key: (value, True) for key, value in self.claim.stored.items()}
+        try:
+            if self.claim.theirs:
+                found, orphaned = self.service.claims.wait(self.claim.theirs)
+                out.update((key, (value, True)) for key, value in found.items())
+                self.futures.update(self.service._submit({key: self.inputs[key] for key in orphaned}, self.prompt))
+            for key, future in self.futures.items():
+                try:
+                    out[key] = (future.result(), False)
+                except ServiceError as exc:
+                    out[key] = exc
+                except Exception as exc:  # noqa: BLE001 - a model fault is reported per file, never a traceback
+                    out[key] = CaptioningError(f"captioning failed: {type(exc).__name__}")
+        finally:
+            self.service.claims.release(self.claim.ours)
+        return out
 
 
 class Answer:
@@ -266,6 +352,8 @@ class Answer:
         self.uploads = uploads
         self.results: list[dict[str, Any]] = [{} for _ in uploads]
         self.errors: list[ServiceError | None] = [None] * len(uploads)
+        self.digests: list[str | None] = [None] * len(uploads)  # SHA-256 of each file that was hashed
+        self.keys: list[str | None] = [None] * len(uploads)  # and its cache key
         self._indexes: dict[str, list[int]] = {}  # key -> the uploads with that key, not answered yet
 
     @property
@@ -278,6 +366,7 @@ class Answer:
         return self.uploads[self._indexes[key][0]].data
 
     def expect(self, index: int, key: str) -> None:
+        self.keys[index] = key
         self._indexes.setdefault(key, []).append(index)
 
     def found(self, values: dict[str, dict[str, Any] | None], cached: bool) -> None:
@@ -289,14 +378,13 @@ class Answer:
                     self.results[index] = {"filename": upload.filename, "caption": value["caption"],
                                            "tags": value["tags"], "cached": cached}
 
-    def resolve(self, key: str, future: Future) -> None:
-        """Wait for a caption from the batcher; a model fault becomes the file's error, never a traceback."""
-        try:
-            self.found({key: future.result()}, cached=False)
-        except ServiceError as exc:
-            self.fail_key(key, exc)
-        except Exception as exc:  # noqa: BLE001
-            self.fail_key(key, CaptioningError(f"captioning failed: {type(exc).__name__}"))
+    def settle(self, results: dict[str, "tuple[dict[str, Any], bool] | ServiceError"]) -> None:
+        """Answer the files from Pending.results()."""
+        for key, result in results.items():
+            if isinstance(result, ServiceError):
+                self.fail_key(key, result)
+            else:
+                self.found({key: result[0]}, cached=result[1])
 
     def fail(self, index: int, error: ServiceError) -> None:
         self.errors[index] = error

@@ -82,6 +82,29 @@ class DirectCaptioner:
         sync(self.device)
         return time.perf_counter() - started, captions
 
+    def overlapped(self, paths: Sequence[Path], batch_size: int, readers: int = 2) -> tuple[float, list[str]]:
+        """Seconds for a bare batched generate loop over image files: `readers` threads read, decode and run the
+        processor for the next batches while the model thread runs one (what a careful captioning script does)."""
+        def prepare(chunk: Sequence[Path]) -> torch.Tensor:
+            images = [Image.open(path).convert("RGB") for path in chunk]
+            return self.pixel_values(images)
+
+        def generate(pixel_values: torch.Tensor) -> list[str]:
+            with torch.inference_mode():
+                output = self.model.generate(pixel_values=pixel_values, **self.generate_kwargs)
+            return [t.strip() for t in self.processor.batch_decode(output[:, 1:], skip_special_tokens=True)]
+
+        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        sync(self.device)
+        started = time.perf_counter()
+        captions: list[str] = []
+        with ThreadPoolExecutor(readers, thread_name_prefix="bench-reader") as pool:
+            prepared = [pool.submit(prepare, chunk) for chunk in chunks]  # the pool runs `readers` ahead
+            for future in prepared:
+                captions += on_model_thread(generate, future.result())
+        sync(self.device)
+        return time.perf_counter() - started, captions
+
     def vision_forward(self, pixel_values: torch.Tensor) -> float:
         """Seconds for one forward pass of the vision encoder."""
         def forward() -> float:
@@ -115,6 +138,32 @@ def vision_flops(config: Any, batch: int) -> dict[str, float]:
     layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
     per_image = patch_embed + v.num_hidden_layers * layer
     return {"tokens": n, "per_image_gflop": per_image / 1e9, "batch_gflop": batch * per_image / 1e9}
+
+
+def caption_flops(config: Any, new_tokens: int, prompt_tokens: int = 1) -> dict[str, float]:
+    """Multiply-add FLOPs of one whole caption of `new_tokens` greedy tokens: the vision encoder (vision_flops) and
+    the text decoder with its KV cache, counted from the config.
+
+    The decoder runs one step per new token (the first step also reads the `prompt_tokens` input). Per step and
+    layer, for a context of L tokens and N image tokens of width E: self-attention projections 8D², scores and
+    values 4LD, cross-attention query and output 4D², scores and values 4ND, MLP 4DM; the LM head 2DV per step;
+    and once per caption the cross-attention keys and values of the image tokens, 4NED per layer.
+    """
+    t = config.text_config
+    vision = vision_flops(config, 1)
+    n, e = vision["tokens"], config.vision_config.hidden_size
+    d, m, layers, vocab = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
+    steps = [prompt_tokens] + [1] * (new_tokens - 1)  # tokens fed per step
+    decoder = 0.0
+    context = 0
+    for fed in steps:
+        context += fed
+        per_token = layers * (8 * d * d + 4 * context * d + 4 * d * d + 4 * n * d + 4 * d * m) + 2 * d * vocab
+        decoder += fed * per_token
+    cross_kv = layers * 4 * n * e * d
+    text = (decoder + cross_kv) / 1e9
+    return {"vision_gflop": vision["per_image_gflop"], "text_gflop": text,
+            "per_image_gflop": vision["per_image_gflop"] + text}
 
 
 def matmul_gflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> dict[str, float]:

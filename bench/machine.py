@@ -44,6 +44,13 @@ def load_average() -> list[float]:
         return []
 
 
+def fast_bf16() -> str | None:
+    """The service's own answer (what `--dtype auto` reads): "AMX-BF16", "AVX512-BF16" or None."""
+    from captioners.base import cpu_flag_set, fast_bfloat16
+
+    return fast_bfloat16(cpu_flag_set())
+
+
 def bf16_note(flags: dict[str, bool]) -> str:
     """Whether this CPU has bfloat16 matrix instructions (without them bf16 is converted in software)."""
     if flags.get("amx_bf16"):

@@ -70,6 +70,10 @@ def render(r: dict[str, Any]) -> str:
             rows.append([f"6. vision encoder GFLOP/s vs {row['matmul']['size']}³ matmul ({row['dtype']})",
                          f"{_fmt(row['vision_gflop_per_s'])} vs {_fmt(row['matmul']['gflop_per_s'])} "
                          f"({row['vision_vs_matmul']:.0%})", "(reported)", "–"])
+            if "caption" in row:
+                rows.append([f"6. whole caption GFLOP/s vs the same matmul ({row['dtype']})",
+                             f"{_fmt(row['caption']['gflop_per_s'])} ({row['caption']['vs_matmul']:.0%}; "
+                             f"{_fmt(row['caption']['images_per_s'])} images/s)", "(reported)", "–"])
     out += _table(["comparison", "measured", "target", "result"], rows)
 
     out += ["## Machine", ""]
@@ -102,6 +106,8 @@ def render(r: dict[str, Any]) -> str:
                             ("dtype", "4. Lower precision vs float32 (one request of 8 images)", _dtype),
                             ("memory", "5. Peak memory and start-up time of the server", _memory),
                             ("flops", "6. How close to the machine's limit: vision encoder vs a large matmul", _flops),
+                            ("bulk", "7. The bulk command over a folder vs an overlapped batched generate loop",
+                             _bulk),
                             ("speedups", "Speed-ups tried (in-process, one batch of 8 images)", _speedups)):
         if name not in comps:
             continue
@@ -196,7 +202,35 @@ def _dtype(c: dict[str, Any]) -> list[str]:
     out = _table(["server dtype", "median s", "images/s", "runs (s)", "vs float32"], rows)
     if c.get("cpu_bf16"):
         out += [f"This CPU: {c['cpu_bf16']}.", ""]
+    if c.get("auto"):
+        out += [f"`--dtype auto` chose **{c['auto']['dtype']}** here ({c['auto']['reason']}).", ""]
     return out
+
+
+def _bulk(c: dict[str, Any]) -> list[str]:
+    ray = c["ray"]
+    rows = [["bare batched generate, reading/decoding/processor overlapped (in-process)", c["reference_images_per_s"],
+             _runs(c["reference_runs_s"]), "–"],
+            ["`python bulk.py FOLDER --no-cache` (after the model loaded)",
+             median_of(c["bulk_images_per_s_after_load"]), ", ".join(map(str, c["bulk_images_per_s_after_load"])),
+             f"{c['ratio_bulk_vs_reference']}×"],
+            [f"`bulk.py --ray --workers {ray['workers']}` (whole run, local Ray started for it)",
+             ray["images_per_s_whole_run"], f"{ray['wall_s']} s", "–"]]
+    out = _table(["path", "images/s", "runs", "vs reference"], rows)
+    out += [f"{c['images']} distinct 640×480 JPEGs, {c['dtype']}, batches of {c['batch_size']}. The bulk command's "
+            f"rate is its own, from the moment its model was loaded (load {c['bulk_model_load_s']} s; whole runs "
+            f"{c['bulk_wall_s']} s); it tags and writes every row too. Captions equal to the reference: "
+            f"{c['captions_equal_to_reference']}. The Ray run took {ray['overhead_s_vs_local_wall']} s longer than "
+            f"the local run's whole wall time (Ray start-up, an actor loading its own model, moving the prepared "
+            f"batches between processes); its captions equal the local run's: {ray['captions_equal_to_local']}.",
+            "", f"Last summary line: `{c['bulk_summary']}`", ""]
+    return out
+
+
+def median_of(values: list[float]) -> float:
+    import statistics
+
+    return round(statistics.median(values), 3)
 
 
 def _memory(c: dict[str, Any]) -> list[str]:
@@ -218,9 +252,22 @@ def _flops(c: dict[str, Any]) -> list[str]:
     out = _table(["dtype", "images", "vision GFLOP", "median s", "vision GFLOP/s", "matmul", "matmul GFLOP/s",
                   "vision / matmul"], rows)
     first = c["rows"][0]
-    return out + [f"FLOPs counted analytically: {first['tokens_per_image']} tokens per image, "
-                  f"{first['gflop_per_image']} GFLOP per image (patch embedding + per layer QKV 6ND², QKᵀ 2N²D, "
-                  f"attention·V 2N²D, output 2ND², MLP 4NDM; norms, softmax and GELU left out).", ""]
+    out += [f"FLOPs counted analytically: {first['tokens_per_image']} tokens per image, "
+            f"{first['gflop_per_image']} GFLOP per image (patch embedding + per layer QKV 6ND², QKᵀ 2N²D, "
+            f"attention·V 2N²D, output 2ND², MLP 4NDM; norms, softmax and GELU left out).", ""]
+    if "caption" in first:
+        rows = [[r["dtype"], r["caption"]["gflop_per_image"], r["caption"]["median_s"], r["caption"]["images_per_s"],
+                 r["caption"]["gflop_per_s"], r["matmul"]["gflop_per_s"], f"{r['caption']['vs_matmul']:.0%}"]
+                for r in c["rows"]]
+        out += ["The whole caption (one batched `generate` of the 8 images, "
+                f"{first['caption']['new_tokens']} new tokens each), against the same matmul:", ""]
+        out += _table(["dtype", "GFLOP per caption", "median s", "images/s", "GFLOP/s", "matmul GFLOP/s",
+                       "caption / matmul"], rows)
+        out += [f"Per caption: the vision encoder plus {first['caption']['text_gflop_per_image']} GFLOP of text "
+                "decoder (one step per new token with the KV cache: self-attention projections 8D², scores and "
+                "values 4LD, cross-attention 4D² + 4ND, MLP 4DM, LM head 2DV; the image's cross-attention keys "
+                "and values 4NED per layer once).", ""]
+    return out
 
 
 VERDICTS = ((1.05, "helps"), (0.95, "no measurable gain"), (0.0, "slower"))
@@ -272,6 +319,11 @@ def _method(gpu: bool) -> list[str]:
         "ready from `Popen` to the first 200 of /readyz.",
         "6. **FLOP rate**: `model.vision_model(pixel_values)` on the batch in this process, FLOPs counted from the "
         "config; beside a square `torch.mm` of the same dtype in the same run.",
+        "7. **Bulk**: a folder of distinct ~100 KB JPEGs captioned by `python bulk.py FOLDER --no-cache` (a real "
+        "process; its rate from its own summary line, counted from the moment its model was loaded), against a "
+        "bare loop in this process: batches of the same size, two threads reading, decoding and running the "
+        "processor ahead while the model thread runs `generate` (interleaved run by run). Then one run with "
+        "`--ray --workers 1` on a local Ray started by the command, timed whole.",
         "- **Speed-ups**: each variant loads the checkpoint afresh (or modifies it), then one batched call of the "
         "8 images as in comparison 1; the first call is timed apart (it includes compilation), then the median of "
         "the timed runs. 'Unsupported' rows show the error transformers or torch gave.", "",

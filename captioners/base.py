@@ -59,6 +59,8 @@ class Captioner(ABC):
     family: ClassVar[str]
     # Gemma 3's activations overflow float16; families that cannot run in it say so here.
     float16_safe: ClassVar[bool] = True
+    # Whether the family's prompt has a system turn (the chat families); BLIP and BLIP-2 continue plain text.
+    takes_system_prompt: ClassVar[bool] = False
 
     def __init__(self, model_id: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
                  system_prompt: str | None = None) -> None:
@@ -70,8 +72,10 @@ class Captioner(ABC):
         self.random_weights = False  # a checkpoint folder marked RANDOM_WEIGHTS (tests, benchmark, `make demo`)
         self.processor: Any = None
         self.model: Any = None
+        self.model_config: Any = None
         self.device: "torch.device | None" = None
         self.torch_dtype: "torch.dtype | None" = None
+        self.dtype_reason: str | None = None  # why this dtype (what `auto` chose, or that it was asked for)
         self.load_seconds: float | None = None
 
     @property
@@ -89,26 +93,33 @@ class Captioner(ABC):
         return {"family": self.family, "id": self.model_id, "revision": self.revision,
                 "random_weights": self.random_weights,
                 "device": str(self.device) if self.device else self.requested_device,
-                "dtype": str(self.torch_dtype).removeprefix("torch.") if self.torch_dtype else self.requested_dtype}
+                "dtype": str(self.torch_dtype).removeprefix("torch.") if self.torch_dtype else self.requested_dtype,
+                "dtype_reason": self.dtype_reason}
 
     def effective_prompt(self, prompt: str | None) -> str | None:
         """The prompt the model really sees for a request prompt (None means unconditional)."""
         return prompt or None
 
-    def load(self) -> None:
-        """Bring in processor and weights once, check they belong together, and log where they run."""
+    def load(self, weights: bool = True) -> None:
+        """Bring in processor and weights once, check they belong together, and log where they run.
+
+        `weights=False` loads the configuration and processor only: enough to `prepare` inputs and check
+        prompts in a worker that never runs the model (the bulk command's Ray read tasks)."""
         started = time.perf_counter()
         import torch  # noqa: F401  (imported here so that --help and config errors need no torch)
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         self.device = resolve_device(self.requested_device)
-        self.torch_dtype = resolve_dtype(self.requested_dtype, self.device, self.float16_safe, self.spec.name)
+        self.torch_dtype, self.dtype_reason = choose_dtype(self.requested_dtype, self.device, self.float16_safe,
+                                                           self.spec.name)
         source = WeightSource(self.model_id, self.revision, self.spec)
         self.random_weights = source.is_local and (Path(self.model_id).expanduser() / RANDOM_WEIGHTS_MARKER).is_file()
-        self._check_architecture(source.load(AutoConfig.from_pretrained))
+        self.model_config = source.load(AutoConfig.from_pretrained)
+        self._check_architecture(self.model_config)
         self.processor = source.load(AutoProcessor.from_pretrained)
-        model = source.load(AutoModelForImageTextToText.from_pretrained, dtype=self.torch_dtype)
-        self.model = model.to(self.device).eval()
+        if weights:
+            model = source.load(AutoModelForImageTextToText.from_pretrained, dtype=self.torch_dtype)
+            self.model = model.to(self.device).eval()
         self._after_load()
         self._collect_control_tokens()
         for name, text in (("--system-prompt", self.system_prompt),):
@@ -117,22 +128,26 @@ class Captioner(ABC):
             except (InvalidPromptError, PromptTooLongError) as exc:
                 raise ConfigError(f"{name}: {exc.message}") from None
         self.load_seconds = time.perf_counter() - started
-        log.info("Loaded %s checkpoint %s%s on %s as %s in %.1f s", self.spec.name, self.model_id,
+        if not weights:
+            return
+        log.info("Loaded %s checkpoint %s%s on %s as %s (%s) in %.1f s", self.spec.name, self.model_id,
                  f" (revision {self.revision})" if self.revision else "", self.device,
-                 self.describe()["dtype"], self.load_seconds)
+                 self.describe()["dtype"], self.dtype_reason, self.load_seconds)
         if self.random_weights:
             log.warning("This checkpoint has RANDOM weights (it holds a %s file): its captions are noise. It is "
                         "for trying the service out; serve a real checkpoint for real captions.", RANDOM_WEIGHTS_MARKER)
 
     # ----- the data path: prepare (request threads) -> generate (model thread) ---------------------------
-    def prepare(self, image: "Image.Image", prompt: str | None, params: GenerationParams) -> "Prepared":
+    def prepare(self, image: "Image.Image", prompt: str | None, params: GenerationParams,
+                system_prompt: str | None = None) -> "Prepared":
         """The model inputs of one image with one prompt (resized, normalised, templated, tokenised), on the CPU.
+        `system_prompt`: a request's own system turn (chat families); None for the configured one.
 
         Runs in the request's worker right after decoding, so that the full-size image can be dropped at once
         and the model thread only stacks small tensors. `generate` on a list of these gives exactly what the
         processor's own batched call would (same tensors, same padding).
         """
-        inputs = dict(self.build_inputs([image], self.effective_prompt(prompt)))
+        inputs = dict(self.build_inputs([image], self.effective_prompt(prompt), system_prompt))
         length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
         if length + params.max_new_tokens > self.max_positions:
             raise PromptTooLongError(self._too_long_message(length, params.max_new_tokens))
@@ -189,9 +204,10 @@ class Captioner(ABC):
         value, ids = item[key], item.get("input_ids")
         return ids is not None and value.dim() == 2 and value.shape == ids.shape
 
-    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
+    def build_inputs(self, images: list["Image.Image"], prompt: str | None, system_prompt: str | None = None) -> Any:
         """Processor outputs (a BatchFeature) for images that share one prompt: here the prompt is plain text
-        the model continues (BLIP, BLIP-2); the chat families override this with their template."""
+        the model continues (BLIP, BLIP-2; no system turn); the chat families override this with their
+        template."""
         if prompt is None:
             return self.processor(images=images, return_tensors="pt")
         # One prompt per batch: BLIP drops the last column assuming it is [SEP], which breaks with padding.
@@ -203,9 +219,10 @@ class Captioner(ABC):
         """The caption text of each row of `output_ids`: new tokens only, special tokens skipped."""
 
     # ----- prompts ---------------------------------------------------------------------------------------
-    def check_prompt(self, prompt: str | None, params: GenerationParams) -> None:
+    def check_prompt(self, prompt: str | None, params: GenerationParams, system_prompt: str | None = None) -> None:
         """Refuse a prompt that holds the tokenizer's special or control tokens, or that leaves the model no
-        room for `params.max_new_tokens` (InvalidPromptError, PromptTooLongError); one rule for every family."""
+        room for `params.max_new_tokens` (InvalidPromptError, PromptTooLongError); one rule for every family.
+        `system_prompt` (a request's own system turn) counts towards the length."""
         if not prompt:
             return
         tokenizer = self.processor.tokenizer
@@ -215,21 +232,26 @@ class Captioner(ABC):
         for token_id in ids:  # a token the tokenizer reaches from other text (case folding, normalisation)
             if token_id in self._control_ids:
                 raise InvalidPromptError(self._control_token_message(tokenizer.convert_ids_to_tokens(token_id)))
-        length = self._prompt_input_length(prompt)
+        length = self.input_tokens(prompt, system_prompt)
         if length + params.max_new_tokens > self.max_positions:
             raise PromptTooLongError(self._too_long_message(length, params.max_new_tokens))
 
     @property
     def max_positions(self) -> int:
         """How many tokens (input and generated) the language model can take."""
-        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30)
+        return int(getattr(self.model_config.get_text_config(), "max_position_embeddings", None) or 1 << 30)
 
-    def _prompt_input_length(self, prompt: str) -> int:
-        """Input tokens of a prompt with the smallest image (images that expand to more are checked in prepare)."""
+    def input_tokens(self, prompt: str | None, system_prompt: str | None = None) -> int:
+        """Input tokens of a prompt with the smallest image (images that expand to more are checked in prepare);
+        for BLIP and BLIP-2 without a prompt, the tokens generate() starts from."""
         from PIL import Image
 
-        inputs = self.build_inputs([Image.new("RGB", (32, 32))], self.effective_prompt(prompt))
-        return inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
+        inputs = self.build_inputs([Image.new("RGB", (32, 32))], self.effective_prompt(prompt), system_prompt)
+        return inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a caption, as the tokenizer splits it (the usage count of the OpenAI-compatible API)."""
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _too_long_message(self, input_tokens: int, max_new_tokens: int) -> str:
         room = max(0, self.max_positions - max_new_tokens)
@@ -257,9 +279,10 @@ class Captioner(ABC):
 
     def _after_load(self) -> None:
         """Family hook run once after loading: consistency checks, padding side, generation defaults."""
-        generation_config = self.model.generation_config
+        generation_config = self.model.generation_config if self.model is not None else None
         tokenizer = getattr(self.processor, "tokenizer", None)
-        if generation_config.pad_token_id is None and tokenizer is not None and tokenizer.pad_token_id is not None:
+        if (generation_config is not None and generation_config.pad_token_id is None and tokenizer is not None
+                and tokenizer.pad_token_id is not None):
             # Without it generate() warns on every call and guesses the eos token.
             generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -279,6 +302,8 @@ class Captioner(ABC):
 class ChatCaptioner(Captioner):
     """Families prompted through a chat template: one user turn holding the image, then the prompt text."""
 
+    takes_system_prompt = True
+
     def effective_prompt(self, prompt: str | None) -> str | None:
         return prompt or DEFAULT_CHAT_INSTRUCTION
 
@@ -287,18 +312,21 @@ class ChatCaptioner(Captioner):
         # Decoder-only models must be padded on the left so every row's new tokens start at the same column.
         self.processor.tokenizer.padding_side = "left"
 
-    def conversation(self, image: "Image.Image", prompt: str | None) -> list[dict[str, Any]]:
-        """Exactly one user turn (image, then text), preceded by a system turn only if one is configured."""
+    def conversation(self, image: "Image.Image", prompt: str | None, system_prompt: str | None = None
+                     ) -> list[dict[str, Any]]:
+        """Exactly one user turn (image, then text), preceded by a system turn only if the request or the
+        configuration gives one (the request's wins)."""
         turns: list[dict[str, Any]] = []
-        if self.system_prompt:
-            turns.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        system = system_prompt or self.system_prompt
+        if system:
+            turns.append({"role": "system", "content": [{"type": "text", "text": system}]})
         turns.append({"role": "user", "content": [{"type": "image", "image": image},
                                                   {"type": "text", "text": prompt}]})
         return turns
 
-    def build_inputs(self, images: list["Image.Image"], prompt: str | None) -> Any:
+    def build_inputs(self, images: list["Image.Image"], prompt: str | None, system_prompt: str | None = None) -> Any:
         return self.processor.apply_chat_template(
-            [self.conversation(image, prompt) for image in images],
+            [self.conversation(image, prompt, system_prompt) for image in images],
             add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             processor_kwargs={"padding": _padding(images)},
         )
@@ -334,22 +362,60 @@ def resolve_device(requested: str) -> "torch.device":
     return device
 
 
-def resolve_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str) -> "torch.dtype":
-    """`auto` is float32 on CPU and a half type on accelerators that the family is safe in."""
+def resolve_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str,
+                  cpu_flags: frozenset[str] | None = None) -> "torch.dtype":
+    """The dtype of choose_dtype, without its reason."""
+    return choose_dtype(requested, device, float16_safe, family_name, cpu_flags)[0]
+
+
+def choose_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str,
+                 cpu_flags: frozenset[str] | None = None) -> "tuple[torch.dtype, str]":
+    """The dtype to load in, and why. `auto`: on a GPU bfloat16 where it has it (else float16, or float32 for a
+    family that overflows in float16); on a CPU bfloat16 where the CPU multiplies bfloat16 in hardware (AMX-BF16
+    or AVX512-BF16: 2-5x the float32 rate), else float32 (bfloat16 is emulated there and 2x slower); float16 on
+    MPS. Every family here is safe in bfloat16 (Gemma 3 is trained in it). An explicit dtype is used as given."""
     import torch
 
-    if requested == "auto":
-        if device.type == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return torch.bfloat16
-            return torch.float16 if float16_safe else torch.float32
-        if device.type == "mps":
-            return torch.float16 if float16_safe else torch.float32
-        return torch.float32
-    if requested == "float16" and not float16_safe:
-        raise ConfigError(f"{family_name} overflows in float16 and produces garbage; "
-                          f"use --dtype bfloat16 or --dtype float32")
-    return getattr(torch, requested)
+    if requested != "auto":
+        if requested == "float16" and not float16_safe:
+            raise ConfigError(f"{family_name} overflows in float16 and produces garbage; "
+                              f"use --dtype bfloat16 or --dtype float32")
+        return getattr(torch, requested), f"--dtype {requested}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU has bfloat16"
+        if float16_safe:
+            return torch.float16, "auto: this GPU has no bfloat16; float16"
+        return torch.float32, f"auto: this GPU has no bfloat16 and {family_name} overflows in float16"
+    if device.type == "mps":
+        return (torch.float16, "auto: float16 on MPS") if float16_safe else \
+            (torch.float32, f"auto: {family_name} overflows in float16")
+    fast = fast_bfloat16(cpu_flags if cpu_flags is not None else cpu_flag_set())
+    if fast:
+        return torch.bfloat16, f"auto: this CPU has {fast} (bfloat16 matrix products in hardware)"
+    return torch.float32, ("auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bfloat16 would be emulated "
+                           "(slower than float32)")
+
+
+def cpu_flag_set() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere, which means float32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def fast_bfloat16(flags: frozenset[str]) -> str | None:
+    """The instructions that make bfloat16 fast on this CPU ("AMX-BF16", "AVX512-BF16"), or None."""
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
 
 
 class WeightSource:

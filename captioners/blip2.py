@@ -18,7 +18,7 @@ class Blip2Captioner(Captioner):
     def _after_load(self) -> None:
         super()._after_load()
         processor_tokens = getattr(self.processor, "num_query_tokens", None)
-        model_tokens = self.model.config.num_query_tokens
+        model_tokens = self.model_config.num_query_tokens
         # A processor that expands <image> to the wrong number of query tokens raises nothing at all:
         # generate() silently ignores the image. Refuse to start instead.
         if processor_tokens != model_tokens:
@@ -35,5 +35,5 @@ class Blip2Captioner(Captioner):
         if "input_ids" in inputs:
             prompt_length = inputs["input_ids"].shape[1]
         else:
-            prompt_length = self.model.config.num_query_tokens + 1
+            prompt_length = self.model_config.num_query_tokens + 1
         return self.processor.batch_decode(output_ids[:, prompt_length:], skip_special_tokens=True)

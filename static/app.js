@@ -253,7 +253,10 @@
     if (prompt) body.append("prompt", prompt);
     let response;
     try {
-      response = await fetch("/caption-images", { method: "POST", body, headers: { Accept: "application/json" } });
+      const headers = { Accept: "application/json" };
+      const apiKey = $("api-key") ? $("api-key").value.trim() : "";
+      if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
+      response = await fetch("/caption-images", { method: "POST", body, headers });
     } catch (err) {
       group.forEach((card) => showError(card, "Could not reach the server (network error). Is it still running?",
         "network_error"));

@@ -18,7 +18,7 @@ from support.services import REPO_ROOT, missing_service
 
 pytestmark = pytest.mark.live
 
-COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "speedups")
+COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "bulk", "speedups")
 
 
 def _numbers(value: object) -> list[float]:
@@ -85,6 +85,19 @@ class BenchSmokeTest(unittest.TestCase):
             self.assertGreater(server["peak_rss_mib"], 0)
             self.assertGreater(server["start_to_ready_s"], 0)
         self.assertGreater(c["flops"]["rows"][0]["matmul"]["gflop_per_s"], 0)
+        for row in c["flops"]["rows"]:
+            self.assertGreater(row["caption"]["text_gflop_per_image"], 0)  # the decoder's share is counted
+            self.assertGreaterEqual(row["caption"]["gflop_per_image"], row["gflop_per_image"])  # vision + decoder
+            self.assertGreater(row["caption"]["vs_matmul"], 0)
+        self.assertEqual({case["dtype"] for case in c["batch"]["cases"]}, {"float32", "bfloat16"})
+        from captioners.base import cpu_flag_set, fast_bfloat16
+
+        self.assertEqual(c["dtype"]["auto"]["dtype"], "bfloat16" if fast_bfloat16(cpu_flag_set()) else "float32")
+        self.assertTrue(c["dtype"]["auto"]["reason"].startswith("auto: "))
+        bulk = c["bulk"]
+        self.assertEqual(bulk["captions_equal_to_reference"], f"{bulk['images']}/{bulk['images']}")
+        self.assertEqual(bulk["ray"]["captions_equal_to_local"], f"{bulk['images']}/{bulk['images']}")
+        self.assertGreater(bulk["ratio_bulk_vs_reference"], 0)
         rows = {row["name"]: row for row in c["speedups"]["rows"]}
         self.assertEqual(rows["fp32"]["status"], "ok")
         self.assertIn(rows["sdpa"]["status"], ("ok", "unsupported"))
@@ -100,7 +113,7 @@ class BenchSmokeTest(unittest.TestCase):
         text = (self.out / "RESULTS.md").read_text()
         self.assertIn("# Throughput benchmark results", text)
         self.assertIn("Smoke run on the tests' tiny checkpoint", text)
-        for heading in ("## Summary", "## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.",
+        for heading in ("## Summary", "## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.",
                         "## Speed-ups tried"):
             self.assertIn(heading, text)
 

@@ -10,7 +10,15 @@ from PIL import Image
 
 from captioners import FAMILIES as REGISTRY
 from captioners import create_captioner
-from captioners.base import DEFAULT_CHAT_INSTRUCTION, GenerationParams, resolve_device, resolve_dtype
+from captioners.base import (
+    DEFAULT_CHAT_INSTRUCTION,
+    GenerationParams,
+    choose_dtype,
+    cpu_flag_set,
+    fast_bfloat16,
+    resolve_device,
+    resolve_dtype,
+)
 from errors import ConfigError, InvalidPromptError, PromptTooLongError
 from support import tiny_models
 from support.families import FAMILIES, PROMPTS
@@ -22,14 +30,17 @@ PARAMS = GenerationParams(max_new_tokens=12)
 
 
 class FamilyAgreementTest(unittest.TestCase):
-    """The service's captioner gives exactly the captions of a direct batched transformers call."""
+    """The service's captioner gives exactly the captions of a direct batched transformers call (float32; the
+    class below runs every check again in bfloat16)."""
+
+    dtype = "float32"
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.images = sample_images()
         cls.captioners = {}
         for family in FAMILIES:
-            captioner = create_captioner(family, str(tiny_checkpoint(family)))
+            captioner = create_captioner(family, str(tiny_checkpoint(family)), dtype=cls.dtype)
             captioner.load()
             cls.captioners[family] = captioner
 
@@ -43,7 +54,7 @@ class FamilyAgreementTest(unittest.TestCase):
                 with self.subTest(family=family, prompt=prompt):
                     got = self.captioners[family].caption(self.images, prompt, PARAMS)
                     expected = reference_captions(tiny_checkpoint(family), family, self.images, prompt=prompt,
-                                                  max_new_tokens=12)
+                                                  max_new_tokens=12, dtype=self.dtype)
                     self.assertEqual(got, expected)
                     self.assertEqual(len(set(got)), 3, f"tiny {family} ignores its image: {got}")
 
@@ -63,7 +74,7 @@ class FamilyAgreementTest(unittest.TestCase):
             with self.subTest(family=family):
                 self.assertEqual(self.captioners[family].caption(large, PROMPTS[family], PARAMS),
                                  reference_captions(tiny_checkpoint(family), family, large, prompt=PROMPTS[family],
-                                                    max_new_tokens=12))
+                                                    max_new_tokens=12, dtype=self.dtype))
 
     def test_prepared_in_many_threads_equals_one_batched_call(self) -> None:
         images = self.images * 6
@@ -74,7 +85,7 @@ class FamilyAgreementTest(unittest.TestCase):
                     prepared = list(pool.map(lambda im: captioner.prepare(im, PROMPTS[family], PARAMS), images))
                 self.assertEqual(captioner.generate(prepared, PARAMS),
                                  reference_captions(tiny_checkpoint(family), family, images, prompt=PROMPTS[family],
-                                                    max_new_tokens=12))
+                                                    max_new_tokens=12, dtype=self.dtype))
 
     def test_control_tokens_are_refused_and_ordinary_text_is_not(self) -> None:
         for family in FAMILIES:
@@ -110,14 +121,15 @@ class FamilyAgreementTest(unittest.TestCase):
         for family in ("gemma", "intern_vlm"):
             with self.subTest(family=family):
                 folder = tiny_checkpoint(family)
-                captioner = create_captioner(family, str(folder), system_prompt="You write alt text.")
+                captioner = create_captioner(family, str(folder), system_prompt="You write alt text.",
+                                             dtype=self.dtype)
                 captioner.load()
                 turns = captioner.conversation(self.images[0], "hi")
                 self.assertEqual([t["role"] for t in turns], ["system", "user"])
                 self.assertEqual([c["type"] for c in turns[1]["content"]], ["image", "text"])
                 self.assertEqual(captioner.caption(self.images, None, PARAMS),
                                  reference_captions(folder, family, self.images, max_new_tokens=12,
-                                                    system_prompt="You write alt text."))
+                                                    system_prompt="You write alt text.", dtype=self.dtype))
                 without = self.captioners[family].conversation(self.images[0], "hi")
                 self.assertEqual([t["role"] for t in without], ["user"])
 
@@ -127,27 +139,26 @@ class FamilyAgreementTest(unittest.TestCase):
             with self.subTest(family=family):
                 got = self.captioners[family].caption(self.images, None, short)
                 self.assertEqual(got, reference_captions(tiny_checkpoint(family), family, self.images,
-                                                         max_new_tokens=3))
+                                                         max_new_tokens=3, dtype=self.dtype))
                 longer = self.captioners[family].caption(self.images, None, PARAMS)
                 self.assertTrue(all(b.startswith(a.rstrip("�")) or not a for a, b in zip(got, longer)),
                                 (got, longer))
 
 
-class BFloat16Test(unittest.TestCase):
-    """`--dtype bfloat16` on CPU loads and captions every family."""
+class FamilyAgreementBFloat16Test(FamilyAgreementTest):
+    """Every agreement check again in bfloat16 (what `--dtype auto` picks on CPUs with fast bfloat16): the
+    service's captions equal a direct generate in bfloat16."""
 
-    def test_every_family_in_bfloat16(self) -> None:
+    dtype = "bfloat16"
+
+    def test_loaded_in_bfloat16(self) -> None:
         import torch
 
-        for family in FAMILIES:
+        for family, captioner in self.captioners.items():
             with self.subTest(family=family):
-                captioner = create_captioner(family, str(tiny_checkpoint(family)), dtype="bfloat16")
-                captioner.load()
                 self.assertEqual(captioner.model.dtype, torch.bfloat16)
-                self.assertEqual(captioner.describe()["dtype"], "bfloat16")
-                captions = captioner.caption(sample_images(), None, PARAMS)
-                self.assertEqual(len(captions), 3)
-                self.assertTrue(all(isinstance(c, str) for c in captions))
+                self.assertEqual((captioner.describe()["dtype"], captioner.describe()["dtype_reason"]),
+                                 ("bfloat16", "--dtype bfloat16"))
 
 
 class StartupChecksTest(unittest.TestCase):
@@ -176,7 +187,19 @@ class StartupChecksTest(unittest.TestCase):
         import torch
 
         cpu = torch.device("cpu")
-        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP"), torch.float32)
+        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP", frozenset({"avx2", "avx512f"})), torch.float32)
+        for flags, name in (({"avx512_bf16"}, "AVX512-BF16"), ({"amx_bf16", "avx512_bf16"}, "AMX-BF16")):
+            dtype, reason = choose_dtype("auto", cpu, False, "Gemma 3", frozenset(flags))
+            self.assertEqual(dtype, torch.bfloat16)
+            self.assertIn(name, reason)
+        dtype, reason = choose_dtype("auto", cpu, True, "BLIP", frozenset())
+        self.assertEqual(dtype, torch.float32)
+        self.assertIn("emulated", reason)
+        self.assertEqual(choose_dtype("float32", cpu, True, "BLIP", frozenset({"amx_bf16"})),
+                         (torch.float32, "--dtype float32"))
+        # what this machine's CPU gets
+        expected = torch.bfloat16 if fast_bfloat16(cpu_flag_set()) else torch.float32
+        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP"), expected)
         self.assertEqual(resolve_dtype("bfloat16", cpu, False, "Gemma 3"), torch.bfloat16)
         with self.assertRaises(ConfigError):
             resolve_dtype("float16", cpu, False, "Gemma 3")

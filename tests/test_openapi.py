@@ -7,6 +7,7 @@ type, headers and body as documented.
 from __future__ import annotations
 
 import copy
+import re
 import time
 import unittest
 from typing import Any
@@ -17,11 +18,14 @@ import requests
 from support.live import LiveServerTestCase
 from support.tiny_models import image_bytes, sample_images
 
-PATHS = ("/caption-images", "/reset-redis", "/healthz", "/readyz", "/metrics", "/openapi.json", "/")
+PATHS = ("/caption-images", "/v1/models", "/v1/models/{model_id}", "/v1/chat/completions", "/reset-redis", "/healthz",
+         "/readyz", "/metrics", "/openapi.json", "/")
+OPERATIONS = {"POST /caption-images", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions",
+              "GET /reset-redis", "POST /reset-redis", "GET /healthz", "GET /readyz", "GET /metrics", "GET /"}
 ADMIN_TOKEN = "test-admin-token"
 MAX_REQUEST_BYTES = 4_000_000  # small enough that a test can send a larger body quickly
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-EXAMPLES_PER_OPERATION = {"POST /caption-images": 75}  # the operation with a body gets the most
+EXAMPLES_PER_OPERATION = {"POST /caption-images": 75, "POST /v1/chat/completions": 50}  # operations with a body
 DEFAULT_EXAMPLES = 10
 
 
@@ -80,6 +84,7 @@ class OpenApiDocumentTest(unittest.TestCase):
         self.assertEqual(set(self.document["paths"]), set(PATHS))
         methods = {path: set(item) for path, item in self.document["paths"].items()}
         self.assertEqual(methods["/caption-images"], {"post"})
+        self.assertEqual(methods["/v1/chat/completions"], {"post"})
         self.assertEqual(methods["/reset-redis"], {"get", "post"})
         for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/"):
             self.assertEqual(methods[path], {"get"}, path)
@@ -88,7 +93,8 @@ class OpenApiDocumentTest(unittest.TestCase):
         from app import create_app
 
         app = create_app(self.config)
-        routes = {(rule.rule, method.lower()) for rule in app.url_map.iter_rules() if rule.endpoint != "static"
+        routes = {(re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule), method.lower())
+                  for rule in app.url_map.iter_rules() if rule.endpoint != "static"
                   for method in rule.methods - {"HEAD", "OPTIONS"}}
         documented = {(path, method) for path, item in self.document["paths"].items() for method in item}
         self.assertEqual(documented, routes)
@@ -153,15 +159,15 @@ class OpenApiDocumentTest(unittest.TestCase):
         schemathesis = _schemathesis()
         schema = schemathesis.openapi.from_dict(self.document)
         labels = {result.ok().label for result in schema.get_all_operations()}
-        self.assertEqual(labels, {"POST /caption-images", "GET /reset-redis", "POST /reset-redis", "GET /healthz",
-                                  "GET /readyz", "GET /metrics", "GET /openapi.json", "GET /"})
+        self.assertEqual(labels, OPERATIONS | {"GET /openapi.json"})
 
 
 class LiveServerSchemaTest(LiveServerTestCase):
     """A real server (tiny BLIP, real Redis, ADMIN_TOKEN set) checked against the document it serves."""
 
     pytestmark = pytest.mark.live
-    server_env = {"ADMIN_TOKEN": ADMIN_TOKEN, "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+    # IMAGE_URLS=off: generated requests hold URLs of anywhere, and tests send traffic to their own servers only.
+    server_env = {"ADMIN_TOKEN": ADMIN_TOKEN, "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES), "IMAGE_URLS": "off"}
     own_redis = True  # test_redis_down_reset_is_documented_503 stops it
 
     @classmethod
@@ -233,8 +239,7 @@ class LiveServerSchemaTest(LiveServerTestCase):
                     run()
         # schemathesis leaves out the operation it loaded the document from (/openapi.json): the hand-made test
         # below checks that one.
-        self.assertEqual(set(counts), {"POST /caption-images", "GET /reset-redis", "POST /reset-redis",
-                                       "GET /healthz", "GET /readyz", "GET /metrics", "GET /"})
+        self.assertEqual(set(counts), OPERATIONS)
 
     def test_hand_made_requests_conform(self) -> None:
         """Success, per-file error, all files refused, request errors, auth: each as the document says."""
@@ -285,6 +290,50 @@ class LiveServerSchemaTest(LiveServerTestCase):
                 response = requests.get(self.server.url + path, timeout=10)
                 self.assertEqual(response.status_code, 200)
                 self.conforms("GET", path, response)
+
+    def test_json_and_openai_requests_conform(self) -> None:
+        """The JSON form and the OpenAI-compatible routes answer as the document says, errors included."""
+        import base64
+
+        image = base64.b64encode(image_bytes(sample_images()[0])).decode()
+        caption = self.server.url + "/caption-images"
+        for body, status, code in (
+                ({"images": [{"data": image}, {"data": "@@"}, {"url": "http://example.com/a.png"}]}, 200, None),
+                ({"images": [{"url": "http://example.com/a.png"}]}, 400, None),
+                ({"images": [{"data": image}], "max_new_tokens": 10_000}, 400, "invalid_option"),
+                ({"images": [{"data": image, "url": "http://x"}]}, 400, "invalid_body")):
+            with self.subTest(body=str(body)[:80]):
+                response = requests.post(caption, json=body, timeout=60)
+                self.assertEqual(response.status_code, status, response.text)
+                if code:
+                    self.assertEqual(response.json()["error"]["code"], code)
+                self.conforms("POST", "/caption-images", response)
+        results = requests.post(caption, json={"images": [{"url": "http://example.com/a.png"}]}, timeout=60).json()
+        self.assertEqual(results["results"][0]["error"]["code"], "image_urls_disabled")
+
+        models = requests.get(self.server.url + "/v1/models", timeout=10)
+        self.assertEqual(models.status_code, 200)
+        self.conforms("GET", "/v1/models", models)
+        model_id = models.json()["data"][0]["id"]
+        for name, status in ((model_id, 200), ("gpt-4o", 404)):
+            response = requests.get(f"{self.server.url}/v1/models/{name}", timeout=10)
+            self.assertEqual(response.status_code, status, response.text)
+            self.conforms("GET", "/v1/models/{model_id}", response)
+        user = [{"role": "user", "content": [{"type": "text", "text": "a photo of"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]}]
+        chat = self.server.url + "/v1/chat/completions"
+        for body, status in (({"model": model_id, "messages": user}, 200),
+                             ({"model": model_id, "messages": user, "stream": True}, 200),
+                             ({"model": model_id, "messages": user, "temperature": 1}, 400),
+                             ({"messages": []}, 400), ({"model": model_id, "messages": [{"role": "user"}]}, 400)):
+            with self.subTest(body=str(body)[:80]):
+                response = requests.post(chat, json=body, timeout=60)
+                self.assertEqual(response.status_code, status, response.text)
+                if status != 200:
+                    self.assertEqual(set(response.json()["error"]), {"message", "type", "code", "param"})
+                self.conforms("POST", "/v1/chat/completions", response)
+        unknown = requests.get(self.server.url + "/v1/nope", timeout=10)
+        self.assertEqual((unknown.status_code, unknown.json()["error"]["type"]), (404, "not_found_error"))
 
     def test_responses_while_loading_conform(self) -> None:
         if not self.answered_while_loading:

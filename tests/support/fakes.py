@@ -19,6 +19,7 @@ class FakeCaptioner:
     """
 
     family = "blip"
+    takes_system_prompt = False
     loaded = True
     load_seconds = 0.0
     max_positions = 512
@@ -40,11 +41,11 @@ class FakeCaptioner:
     def effective_prompt(self, prompt: str | None) -> str | None:
         return prompt
 
-    def check_prompt(self, prompt: str | None, params: Any) -> None:
+    def check_prompt(self, prompt: str | None, params: Any, system_prompt: str | None = None) -> None:
         if prompt and "<image>" in prompt:
             raise InvalidPromptError("the prompt contains '<image>'")
 
-    def prepare(self, image: Any, prompt: str | None, params: Any) -> dict[str, Any]:
+    def prepare(self, image: Any, prompt: str | None, params: Any, system_prompt: str | None = None) -> dict[str, Any]:
         colour = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
         return {"colour": colour, "prompt": prompt}
 

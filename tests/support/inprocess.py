@@ -21,7 +21,7 @@ def tiny_blip() -> Any:
     """The tiny BLIP captioner, loaded once per test process (loading imports torch and transformers)."""
     from captioners import create_captioner
 
-    captioner = create_captioner("blip", str(tiny_checkpoint("blip")))
+    captioner = create_captioner("blip", str(tiny_checkpoint("blip")), dtype="float32")
     captioner.load()
     return captioner
 
@@ -57,12 +57,14 @@ class AppClient:
         self.client = app.test_client()
 
     def request(self, method: str, path: str, *, files: list[tuple[str, Any]] | None = None,
-                data: Any = None, headers: dict[str, str] | None = None, **_: Any) -> Reply:
-        """`files` and `data` as requests takes them: files as (field, (filename, bytes)) pairs; data a dict of
-        form fields (sent with the files as multipart) or raw bytes."""
+                data: Any = None, headers: dict[str, str] | None = None, **options: Any) -> Reply:
+        """`files`, `data` and `json` as requests takes them: files as (field, (filename, bytes)) pairs; data a
+        dict of form fields (sent with the files as multipart) or raw bytes; json a value sent as a JSON body."""
         headers = dict(headers or {})
         body = data
-        if files is not None:  # as requests: multipart with the files, else a dict is a urlencoded form
+        if options.get("json") is not None:
+            body, headers["Content-Type"] = json.dumps(options["json"]), "application/json"
+        elif files is not None:  # as requests: multipart with the files, else a dict is a urlencoded form
             fields = list((data or {}).items()) + [(field, value) for field, value in files]
             body, headers["Content-Type"] = encode_multipart_formdata(fields)
         elif isinstance(data, dict):

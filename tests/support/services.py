@@ -101,8 +101,9 @@ class ServerProcess:
         self.args = [sys.executable, str(REPO_ROOT / "app.py"), *args, "--port", str(self.port)]
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=_LOG_DIR)[1])
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                    # a .env in the developer's checkout must not change what the tests run
-                    "ENV_FILE": os.devnull, **(env or {})}
+                    # a .env in the developer's checkout must not change what the tests run; float32 as the
+                    # oracle computes (--dtype auto picks bfloat16 on some CPUs: tests/test_dtype.py)
+                    "ENV_FILE": os.devnull, "DTYPE": "float32", **(env or {})}
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()
 

@@ -543,9 +543,11 @@ def _chat(image, prompt, system_prompt):
     return conversation
 
 
-def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, system_prompt=None) -> list[str]:
+def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, system_prompt=None, num_beams=1,
+                       dtype="float32") -> list[str]:
     """Caption ``images`` with a direct transformers call: one batched, greedy ``generate`` (float32, CPU), decoding
-    only the newly generated tokens with ``skip_special_tokens=True`` and stripping whitespace.
+    only the newly generated tokens with ``skip_special_tokens=True`` and stripping whitespace. ``num_beams`` > 1:
+    beam search (still deterministic); ``dtype``: the weights' dtype (pixel values are cast to it).
 
     ``prompt`` None means unconditional captioning (BLIP / BLIP-2) or ``DEFAULT_CHAT_INSTRUCTION`` (chat families).
     ``system_prompt`` is used by the chat families only (gemma, intern_vlm)."""
@@ -557,8 +559,9 @@ def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, s
     images = list(images)
     n = len(images)
     processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).to("cpu").eval()
-    gen = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype).to("cpu").eval()
+    gen = dict(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
     if family == "blip":
         if prompt is None:
@@ -584,6 +587,8 @@ def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, s
         )
         start = inputs["input_ids"].shape[1]
 
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     with torch.inference_mode():
         out = model.generate(**inputs, **gen)
     return [text.strip() for text in processor.batch_decode(out[:, start:], skip_special_tokens=True)]
