@@ -154,7 +154,7 @@ def run_local(config: Config, args: argparse.Namespace, output: Output, counts: 
                         output, counts)
         progress = Progress(counts, Total(iter_items(args.inputs, image_column=args.image_column,
                                                      exclude=_outputs(args))))
-        batch_size = config.max_batch_size
+        batch_size = service.batch_size
         window: deque[tuple[list[Item], Future]] = deque()
         with ThreadPoolExecutor(READERS, thread_name_prefix="reader") as readers:
             for batch in _batches(items, batch_size, output, counts):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from bulk import read_items
 from bulk_io import Item, row_of
+from captioners.base import default_batch_size
 from errors import ConfigError, ServiceError
 from service import Answer, CaptionService
 
@@ -77,7 +78,7 @@ def run_ray(config: "Config", args: argparse.Namespace, output: "Output", counts
     if todo:
         dataset = ray.data.from_items([{"index": i, "item": json.dumps(dataclasses.asdict(item))}
                                        for i, item in enumerate(todo)])
-        batch = config.max_batch_size
+        batch = config.max_batch_size or default_batch_size("cuda" if args.gpus_per_worker else "cpu")
         # Distinct resources keep the two stages apart (Ray would otherwise fuse the tasks into the actors):
         # reading and preprocessing scale on any CPU of the cluster, the actors hold the model.
         prepared = dataset.map_batches(prepare_batch, batch_size=batch, fn_kwargs={"config": config},

@@ -48,7 +48,8 @@ class Config:
     max_new_tokens: int = _setting(30, "MAX_NEW_TOKENS", "--max-new-tokens", "longest caption, in tokens")
     min_new_tokens: int = _setting(0, "MIN_NEW_TOKENS", None,
                                    "shortest caption, in tokens (0: none; the benchmark pins caption length)")
-    max_batch_size: int = _setting(8, "MAX_BATCH_SIZE", "--max-batch-size", "images per generate() call")
+    max_batch_size: int = _setting(0, "MAX_BATCH_SIZE", "--max-batch-size",
+                                   "images per generate() call (0: by device, 8 on a CPU, 64 on a CUDA GPU)")
     batch_wait_ms: float = _setting(5.0, "BATCH_WAIT_MS", None, "how long a batch may wait to fill")
     max_queue_images: int = _setting(256, "MAX_QUEUE_IMAGES", None, "queued images before 503")
     host: str = _setting("127.0.0.1", "HOST", "--host", "address to listen on (0.0.0.0 to expose)")
@@ -117,7 +118,7 @@ class Config:
             problems.append(f"CACHE_BACKEND must be one of {', '.join(CACHE_BACKENDS)}, not {self.cache_backend!r}")
         if self.log_format not in ("text", "json"):
             problems.append(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
-        for name in ("max_new_tokens", "max_batch_size", "port", "threads", "cache_ttl_seconds", "max_request_bytes",
+        for name in ("max_new_tokens", "port", "threads", "cache_ttl_seconds", "max_request_bytes",
                      "max_files_per_request", "max_file_bytes", "max_image_pixels", "max_queue_images",
                      "memory_cache_max_entries", "connection_limit", "header_timeout_seconds",
                      "body_timeout_seconds", "idle_timeout_seconds", "max_num_beams", "image_url_timeout_seconds"):
@@ -128,8 +129,8 @@ class Config:
                             f"({self.max_files_per_request}), or a full request could never be accepted")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             problems.append("MIN_NEW_TOKENS must be between 0 and MAX_NEW_TOKENS")
-        if self.decode_budget_pixels < 0 or self.shutdown_grace_seconds < 0:
-            problems.append("DECODE_BUDGET_PIXELS and SHUTDOWN_GRACE_SECONDS must be >= 0")
+        if self.decode_budget_pixels < 0 or self.shutdown_grace_seconds < 0 or self.max_batch_size < 0:
+            problems.append("DECODE_BUDGET_PIXELS, SHUTDOWN_GRACE_SECONDS and MAX_BATCH_SIZE must be >= 0")
         if self.batch_wait_ms < 0 or self.redis_timeout_seconds <= 0 or self.cache_lock_seconds <= 0:
             problems.append("BATCH_WAIT_MS must be >= 0, REDIS_TIMEOUT_SECONDS and CACHE_LOCK_SECONDS > 0")
         if problems:

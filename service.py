@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
-from captioners.base import GenerationParams
+from captioners.base import GenerationParams, default_batch_size
 from claims import Claim, Claims
 from errors import CaptioningError, InvalidOptionError, InvalidPromptError, NotReadyError, ServiceError
 from images import ImageLimits, PixelBudget, check_size, declared_pixels, decode_image, sha256_hex
@@ -66,6 +66,7 @@ class CaptionService:
         self.limits = ImageLimits(max_file_bytes=config.max_file_bytes, max_pixels=config.max_image_pixels)
         self.pixel_budget = PixelBudget(config.decode_budget_pixels or config.max_image_pixels)
         self.batcher: Batcher | None = None
+        self.batch_size = config.max_batch_size  # MAX_BATCH_SIZE, or the device's default once the model is loaded
         self._decoder = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode")
         self.state = "starting"  # starting -> ready, or failed
         self._ready = threading.Event()
@@ -106,12 +107,13 @@ class CaptionService:
         if not model:
             return
         self.metrics.model_load_seconds.set(self.captioner.load_seconds or 0.0)
-        if self.config.warmup:
-            self._warm_up()
-        self.batcher = Batcher(self._forward, self._postprocess, max_batch_size=self.config.max_batch_size,
+        self.batch_size = self.config.max_batch_size or default_batch_size(self.captioner.device)
+        log.info("Batches of up to %d images per generate call (%s)", self.batch_size,
+                 "MAX_BATCH_SIZE" if self.config.max_batch_size else f"the default on {self.captioner.device}")
+        self.batcher = Batcher(self._forward, self._postprocess, max_batch_size=self.batch_size,
                                max_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue_images,
-                               metrics=self.metrics)
-        self.batcher.start()
+                               metrics=self.metrics, warm_up=self._warm_up if self.config.warmup else None)
+        self.batcher.start()  # the warm-up runs on the model thread, where every later model call runs
         self.state = "ready"
         self._ready.set()
 

@@ -4,7 +4,7 @@
     python bench/run.py --quick         # one timed run per measurement instead of three; no torch.compile
     python bench/run.py --only cache    # one comparison (batch, concurrency, cache, dtype, memory, flops, speedups)
     python bench/run.py --tiny --quick --out /tmp/b   # the tests' tiny checkpoint: the smoke run, seconds
-    bench/gpu.sh                        # = python bench/run.py --device cuda: float16/bfloat16, batches 1, 8, 32
+    bench/gpu.sh                        # = python bench/run.py --device cuda: float16/bfloat16, batches 1 to 64
 
 It builds (once, offline, cached in bench/models/) a random-weight checkpoint with the architecture of
 Salesforce/blip-image-captioning-base, starts the service as real `python app.py --blip --model-path DIR`
@@ -45,6 +45,7 @@ import clients  # noqa: E402
 import machine  # noqa: E402
 import report  # noqa: E402
 import workload  # noqa: E402
+from captioners.base import GPU_BATCH_SIZE, default_batch_size  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -108,8 +109,9 @@ class Bench:
             8 if args.device == "cuda" else 0)
         if self.device == "cuda":
             self.dtypes = args.dtypes or ["float16", "bfloat16"]
-            self.batch_sizes = args.batch_sizes or [1, 8, 32]
-            self.client_counts = sorted({8, max(self.batch_sizes)})
+            # up to the service's default batch on a GPU (what a server without MAX_BATCH_SIZE runs)
+            self.batch_sizes = args.batch_sizes or sorted({1, 8, 32, GPU_BATCH_SIZE})
+            self.client_counts = sorted({8, min(32, max(self.batch_sizes))})
         else:
             # both dtypes on the CPU (issue 14): the service within 5% of the bare call in each
             self.dtypes = args.dtypes or ["float32", "bfloat16"]
@@ -447,8 +449,8 @@ def compare_bulk(b: Bench) -> dict[str, Any]:
     import tempfile
 
     dtype = b.dtypes[0]
-    batch = 8 if b.device == "cpu" else b.max_batch
-    count = BULK_IMAGES if not b.args.tiny else 16
+    batch = default_batch_size(b.device)  # what bulk.py runs without MAX_BATCH_SIZE
+    count = max(BULK_IMAGES, 4 * batch) if not b.args.tiny else 16
     with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()

@@ -12,9 +12,10 @@ import re
 import socket
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from captioners import FAMILIES, Family, family_of_model_type
@@ -77,6 +78,7 @@ class Captioner(ABC):
         self.torch_dtype: "torch.dtype | None" = None
         self.dtype_reason: str | None = None  # why this dtype (what `auto` chose, or that it was asked for)
         self.load_seconds: float | None = None
+        self._threadpools: Any = None  # threadpoolctl's view of the OpenMP runtime PyTorch loaded
 
     @property
     def spec(self) -> Family:
@@ -107,8 +109,10 @@ class Captioner(ABC):
         prompts in a worker that never runs the model (the bulk command's Ray read tasks)."""
         started = time.perf_counter()
         import torch  # noqa: F401  (imported here so that --help and config errors need no torch)
+        from threadpoolctl import ThreadpoolController
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        self._threadpools = ThreadpoolController()
         self.device = resolve_device(self.requested_device)
         self.torch_dtype, self.dtype_reason = choose_dtype(self.requested_dtype, self.device, self.float16_safe,
                                                            self.spec.name)
@@ -147,11 +151,31 @@ class Captioner(ABC):
         and the model thread only stacks small tensors. `generate` on a list of these gives exactly what the
         processor's own batched call would (same tensors, same padding).
         """
-        inputs = dict(self.build_inputs([image], self.effective_prompt(prompt), system_prompt))
+        with self._one_torch_thread():
+            inputs = dict(self.build_inputs([image], self.effective_prompt(prompt), system_prompt))
         length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0
         if length + params.max_new_tokens > self.max_positions:
             raise PromptTooLongError(self._too_long_message(length, params.max_new_tokens))
         return inputs
+
+    @contextmanager
+    def _one_torch_thread(self) -> Iterator[None]:
+        """PyTorch single-threaded on this thread for the duration (other threads keep their own setting).
+
+        GNU OpenMP gives every thread that runs a parallel PyTorch op its own team of worker threads, kept for
+        the thread's life. Preprocessing on the request threads would leave idle teams beside the model thread's;
+        with more OpenMP threads than cores, OpenMP stops spinning between parallel regions, and every generate
+        ran about 12% slower (2-core Intel Xeon, BLIP-base; bench/README.md). So preprocessing, which runs on
+        many threads at once anyway, runs one thread each, and only the model thread has a team.
+        """
+        import torch
+
+        torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first op there: now, not inside
+        if self._threadpools is None:
+            yield
+            return
+        with self._threadpools.limit(limits=1, user_api="openmp"):
+            yield
 
     def generate(self, items: Sequence["Prepared"], params: GenerationParams) -> list[str]:
         """Caption prepared items (all with the same prompt) in ONE generate call; one caption each, in order."""
@@ -159,9 +183,7 @@ class Captioner(ABC):
 
         if not items:
             return []
-        inputs = self.collate(items).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.torch_dtype)
+        inputs = to_device(self.collate(items), self.device, self.torch_dtype)
         with torch.inference_mode():
             output_ids = self.model.generate(**inputs, **params.generate_kwargs())
         captions = [text.strip() for text in self.decode(output_ids, inputs)]
@@ -339,6 +361,34 @@ def _padding(images: Sequence[Any]) -> bool:
     """Pad only batches. One image (what `prepare` sends) needs none, and never switching the tokenizer's
     padding state back and forth keeps its Rust object free of writes while request threads share it."""
     return len(images) > 1
+
+
+# Images per generate call when MAX_BATCH_SIZE is not set. On a CPU a batch of 8 already keeps the cores busy
+# (larger ones only add latency); on a GPU a batch costs little more than one image, so it takes many more.
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 64
+
+
+def default_batch_size(device: "torch.device | str | None") -> int:
+    """MAX_BATCH_SIZE's default on a device (a torch.device or its type: cpu, cuda, mps)."""
+    kind = getattr(device, "type", device)
+    return GPU_BATCH_SIZE if kind == "cuda" else CPU_BATCH_SIZE
+
+
+def to_device(inputs: Any, device: "torch.device", dtype: "torch.dtype") -> Any:
+    """A collated batch on the model's device, its pixel values in the model's dtype.
+
+    The pixels are cast on the host first (half the bytes to copy in float16/bfloat16); on CUDA every tensor goes
+    through pinned memory, so the copies are asynchronous DMA instead of staged through a pageable buffer.
+    """
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    if device.type != "cuda":
+        return inputs.to(device)
+    for key, value in list(inputs.items()):
+        if hasattr(value, "pin_memory"):
+            inputs[key] = value.pin_memory().to(device, non_blocking=True)
+    return inputs
 
 
 def resolve_device(requested: str) -> "torch.device":

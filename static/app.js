@@ -180,8 +180,11 @@
     setState(card, "done");
   }
 
-  function showError(card, message, code) {
+  /** `retry`: the whole request failed in a way worth retrying (network, 401, 503 …), so "Caption Images" sends
+   * this file again. */
+  function showError(card, message, code, retry) {
     card.error = { code: code || "", message };
+    card.retry = retry === true;
     const box = part(card, ".card__error");
     box.textContent = message;
     box.hidden = false;
@@ -212,7 +215,7 @@
 
   async function captionQueued() {
     if (running) return;
-    const batch = cards.filter((c) => c.state === "queued");
+    const batch = cards.filter((c) => c.state === "queued" || (c.state === "error" && c.retry));
     if (!batch.length) {
       setStatus(formStatus, "Choose or drop at least one image first.", "error");
       return;
@@ -259,7 +262,7 @@
       response = await fetch("/caption-images", { method: "POST", body, headers });
     } catch (err) {
       group.forEach((card) => showError(card, "Could not reach the server (network error). Is it still running?",
-        "network_error"));
+        "network_error", true));
       return;
     }
     const answer = await readJson(response);
@@ -276,7 +279,9 @@
     } else {
       ({ message, code } = requestError(response, answer));
     }
-    group.forEach((card) => showError(card, message, code));
+    // worth sending again: a key to enter, a busy or failing server; not a request the server refused as such
+    const retry = [401, 403, 408, 429].includes(response.status) || response.status >= 500;
+    group.forEach((card) => showError(card, message, code, retry));
   }
 
   async function readJson(response) {

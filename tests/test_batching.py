@@ -334,6 +334,39 @@ class FailureTest(BatcherTestCase):
         self.assertEqual(later[0].result()["key"], "c")
 
 
+class WarmUpTest(unittest.TestCase):
+    """The warm-up runs on the model thread (where every model call runs) before start() returns."""
+
+    def test_warm_up_runs_on_the_model_thread_first(self) -> None:
+        model, seen = FakeModel(), []
+
+        def forward(images: list[Any], group: Any) -> list[str]:
+            seen.append(threading.current_thread())
+            return model.forward(images, group)
+
+        batcher = Batcher(forward, FakePostprocess(), max_wait_s=0.0,
+                          warm_up=lambda: seen.append(("warm-up", threading.current_thread())))
+        batcher.start()
+        self.addCleanup(batcher.stop, 2.0)
+        self.assertEqual(len(seen), 1)  # start() returned after the warm-up, before any job
+        self.assertEqual(batcher.submit([("k", "img", None)])[0].result(RESULT_TIMEOUT)["caption"], "None|img")
+        (label, warm_thread), job_thread = seen
+        self.assertEqual((label, warm_thread), ("warm-up", job_thread))
+        self.assertEqual(job_thread.name, "model")
+        self.assertIsNot(job_thread, threading.current_thread())
+
+    def test_a_failing_warm_up_fails_start_and_stops_the_threads(self) -> None:
+        def broken() -> None:
+            raise RuntimeError("no weights")
+
+        batcher = Batcher(FakeModel().forward, FakePostprocess(), max_wait_s=0.0, warm_up=broken)
+        with self.assertRaisesRegex(RuntimeError, "no weights"):
+            batcher.start()
+        for thread in batcher._threads:
+            thread.join(2.0)
+            self.assertFalse(thread.is_alive(), thread.name)
+
+
 class StopTest(unittest.TestCase):
     def test_stop_finishes_queued_work_and_ends_the_threads(self) -> None:
         model = FakeModel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,34 @@ class BenchSmokeTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class GpuScriptShapeTest(unittest.TestCase):
+    """`bench/gpu.sh` end to end, on the CPU (CI has no GPU): the script runs bench/run.py with what it is given,
+    requests up to the GPU default batch (64 images in one request), the bulk command at the device's default
+    batch, and writes its results even without nvidia-smi."""
+
+    def test_gpu_script_runs_the_gpu_shape_on_cpu(self) -> None:
+        if not shutil.which("redis-server"):
+            missing_service("redis-server is not installed (apt-get install redis-server); the benchmark needs it")
+        from captioners.base import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+
+        out = Path(tempfile.mkdtemp(prefix="bench-gpu-shape-"))
+        self.addCleanup(shutil.rmtree, out, True)
+        sizes = sorted({1, 8, GPU_BATCH_SIZE})
+        process = subprocess.run(
+            ["bash", str(REPO_ROOT / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--quick", "--only",
+             "batch,bulk", "--dtypes", "bfloat16", "--batch-sizes", ",".join(map(str, sizes)), "--out", str(out)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+            env={**os.environ, "PYTHON": sys.executable, "GPU_BENCH_SECONDS": "600"})
+        self.assertEqual(process.returncode, 0, process.stderr[-4000:])
+        results = json.loads((out / "results.json").read_text())
+        batch, bulk = results["comparisons"]["batch"], results["comparisons"]["bulk"]
+        self.assertEqual(batch["status"], "ok", batch.get("traceback"))
+        self.assertEqual([(c["dtype"], c["images"]) for c in batch["cases"]], [("bfloat16", n) for n in sizes])
+        largest = batch["cases"][-1]
+        self.assertEqual(largest["captions_equal_to_batched"], f"{GPU_BATCH_SIZE}/{GPU_BATCH_SIZE}")
+        self.assertEqual(bulk["status"], "ok", bulk.get("traceback"))
+        self.assertEqual(bulk["batch_size"], CPU_BATCH_SIZE)  # bulk.py's default on this device
+        self.assertGreater(bulk["bulk_images_per_s_after_load"][0], 0)
+        self.assertIn("## 7.", (out / "RESULTS.md").read_text())

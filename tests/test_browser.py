@@ -32,6 +32,7 @@ ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 DEMO_PNG = REPO_ROOT / "docs" / "demo.png"
 DEFAULT_PROMPT = "a photo of"
 ADMIN_TOKEN = "s3cret-token"
+API_KEY = "sk-demo-key"
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
 TIMEOUT_MS = 30_000
 
@@ -63,6 +64,8 @@ def setUpModule() -> None:
         _browser = _playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         main.wait_ready()
         _servers["admin"] = ServerProcess(model, env={"CACHE_BACKEND": "memory", "ADMIN_TOKEN": ADMIN_TOKEN}
+                                          ).start(wait_ready=False)
+        _servers["keyed"] = ServerProcess(model, env={"CACHE_BACKEND": "memory", "API_KEY": API_KEY}
                                           ).start(wait_ready=False)
     except BaseException:
         tearDownModule()
@@ -345,8 +348,14 @@ class DemoPageTest(BrowserTestCase):
         p.caption()
         self.assertEqual([c["error"] for c in p.cards()], ["the service is busy; retry later (try again in 7 s)"] * 2)
         self.assertEqual([c["state"] for c in p.cards()], ["error", "error"])
-
+        # the whole request failed, so pressing the button again sends both files again
         p.page.unroute("**/caption-images")
+        p.caption()
+        self.assertEqual([c["state"] for c in p.cards()], ["done", "done"])
+        self.assertEqual([c["caption"] for c in p.cards()],
+                         [r["caption"] for r in self.api_caption([("one.png", _png(gradient)),
+                                                                   ("two.png", _png(checkerboard))])])
+
         p.page.route("**/caption-images", lambda route: route.abort("connectionrefused"))
         p.page.get_by_role("button", name="Clear list").click()
         p.choose(*files)
@@ -364,6 +373,10 @@ class DemoPageTest(BrowserTestCase):
         self.assertEqual(card["state"], "error")
         self.assertEqual(card["error"], self.api_caption([("notes.txt", b"plain text")])[0]["error"]["message"])
         self.assertTrue(card["noPreview"])
+        # a request the server refused as such is not sent again
+        p.page.get_by_role("button", name="Caption Images").click()
+        p.wait_until("document.getElementById('form-status').textContent.startsWith('Choose or drop')")
+        self.assertEqual(p.cards()[0]["state"], "error")
         self.assert_clean(p, expected_console=r"Failed to load resource|ERR_CONNECTION_REFUSED")
 
     def test_files_dropped_on_the_drop_zone(self) -> None:
@@ -518,6 +531,39 @@ class AdminTokenTest(BrowserTestCase):
         p.page.get_by_label("Admin token").fill(ADMIN_TOKEN)
         self.assertEqual(p.clear_cache(), "In-process cache cleared (no Redis is in use): 0 entries deleted.")
         p.screenshot("admin-token.png")
+        self.assert_clean(p, expected_console=r"Failed to load resource: the server responded with a status of 401")
+
+
+class ApiKeyTest(BrowserTestCase):
+    """Against a server with API_KEY set: the page asks for the key and sends it as a Bearer token."""
+
+    server_name = "keyed"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        _servers[cls.server_name].wait_ready()
+
+    def test_caption_without_then_with_the_key(self) -> None:
+        image = _png(sample_images()[1])
+        refused = self.server.post_images([("photo.png", image)])
+        self.assertEqual(refused.status_code, 401)
+        expected = self.server.post_images([("photo.png", image)],
+                                           headers={"Authorization": f"Bearer {API_KEY}"}).json()["results"][0]
+        p = self.open_page()
+        self.assertIn("needs one", p.page.locator("label[for=api-key]").text_content())
+        p.choose(_payload("photo.png", image, "image/png"))
+        p.caption()
+        [card] = p.cards()
+        self.assertEqual((card["state"], card["error"], card["caption"]),
+                         ("error", refused.json()["error"]["message"], None))
+        p.page.get_by_label("API key").fill("wrong")
+        p.caption()
+        self.assertEqual(p.cards()[0]["error"], refused.json()["error"]["message"])
+        p.page.get_by_label("API key").fill(API_KEY)
+        p.caption()
+        [card] = p.cards()
+        self.assertEqual((card["state"], card["caption"], card["tags"]), ("done", expected["caption"], expected["tags"]))
+        p.screenshot("api-key.png")
         self.assert_clean(p, expected_console=r"Failed to load resource: the server responded with a status of 401")
 
 

@@ -11,13 +11,17 @@ from PIL import Image
 from captioners import FAMILIES as REGISTRY
 from captioners import create_captioner
 from captioners.base import (
+    CPU_BATCH_SIZE,
     DEFAULT_CHAT_INSTRUCTION,
+    GPU_BATCH_SIZE,
     GenerationParams,
     choose_dtype,
     cpu_flag_set,
+    default_batch_size,
     fast_bfloat16,
     resolve_device,
     resolve_dtype,
+    to_device,
 )
 from errors import ConfigError, InvalidPromptError, PromptTooLongError
 from support import tiny_models
@@ -208,6 +212,24 @@ class StartupChecksTest(unittest.TestCase):
             self.assertEqual(resolve_device("auto").type, "mps" if torch.backends.mps.is_available() else "cpu")
             with self.assertRaises(ConfigError):
                 resolve_device("cuda")
+
+    def test_default_batch_size_by_device(self) -> None:
+        import torch
+
+        self.assertEqual(default_batch_size(torch.device("cpu")), CPU_BATCH_SIZE)
+        self.assertEqual(default_batch_size("mps"), CPU_BATCH_SIZE)
+        self.assertEqual(default_batch_size(torch.device("cuda", 1)), GPU_BATCH_SIZE)
+        self.assertGreater(GPU_BATCH_SIZE, CPU_BATCH_SIZE)
+
+    def test_to_device_casts_pixels_only(self) -> None:
+        import torch
+        from transformers import BatchFeature
+
+        batch = BatchFeature({"pixel_values": torch.rand(2, 3, 4, 4), "input_ids": torch.tensor([[1, 2], [3, 4]])})
+        moved = to_device(batch, torch.device("cpu"), torch.bfloat16)
+        self.assertEqual(moved["pixel_values"].dtype, torch.bfloat16)
+        self.assertEqual(moved["input_ids"].dtype, torch.int64)
+        self.assertTrue(torch.equal(moved["input_ids"], torch.tensor([[1, 2], [3, 4]])))
 
 
 if __name__ == "__main__":
