@@ -19,6 +19,7 @@ class FakeCaptioner:
     """
 
     family = "blip"
+    device = "cpu"  # what the service reads for its default batch size (a torch.device on real captioners)
     takes_system_prompt = False
     loaded = True
     load_seconds = 0.0
@@ -35,7 +36,7 @@ class FakeCaptioner:
         self.__dict__.update(overrides)
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "id": self.model_id, "device": "cpu", "dtype": self.dtype,
+        return {"family": self.family, "id": self.model_id, "device": self.device, "dtype": self.dtype,
                 "revision": self.revision}
 
     def effective_prompt(self, prompt: str | None) -> str | None:
