@@ -239,17 +239,21 @@ def _ask(service: CaptionService, prompt: str | None, *, system_prompt: str | No
 
 
 # ----- the OpenAI-compatible API ------------------------------------------------------------------------------
+@openai.before_request
+def _openai_api_key() -> None:
+    """Every /v1 route needs the API key when API_KEY is set."""
+    _require_api_key(get_service().config)
+
+
 @openai.get("/models")
 def list_models() -> Response:
     """The loaded checkpoint, as OpenAI's model list."""
-    _require_api_key(get_service().config)
     return json_response(ModelList.model_validate({"object": "list", "data": [_model_card()]}))
 
 
 @openai.get("/models/<model_id:model_id>")
 def get_model(model_id: str) -> Response:
     """The loaded checkpoint by its id (404 for any other)."""
-    _require_api_key(get_service().config)
     card = _model_card()
     if model_id != card["id"]:
         raise NotFoundError(f"this server serves {card['id']!r} only, not {model_id!r}", param="model")
@@ -265,7 +269,6 @@ def _model_card() -> dict[str, Any]:
 def chat_completions() -> Response:
     """A caption of the one image of a chat request, as an OpenAI chat completion (or its stream)."""
     service = get_service()
-    _require_api_key(service.config)
     chat = openai_api.read_chat(read_json(ChatCompletionRequest))
     ask = _ask(service, chat.prompt, system_prompt=chat.system_prompt, max_new_tokens=chat.max_new_tokens)
     source = Source("", data=chat.image_url) if chat.image_url[:5].lower() == "data:" else Source("", url=chat.image_url)

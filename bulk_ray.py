@@ -134,10 +134,8 @@ def prepare_batch(batch: dict[str, Any], config: "Config") -> dict[str, Any]:
     service = _preparer(config)
     items = [Item(**json.loads(text)) for text in batch["item"]]
     uploads, unread = read_items(items)
-    answer = Answer(uploads)
-    for position, error in unread.items():
-        answer.fail(position, error)
-    inputs, _ = service.lookup_and_prepare(answer, service.request_prompt(None))
+    answer = Answer(uploads, unread)
+    inputs, _ = service.lookup_and_prepare(answer, service.ask())
     out: dict[str, list[Any]] = {"index": list(batch["index"]), "id": [], "sha256": [], "row": [], "key": [],
                                  "inputs": []}
     for position, item in enumerate(items):
@@ -158,7 +156,7 @@ class CaptionActor:
     def __init__(self, config: "Config") -> None:
         self.service = CaptionService(config)
         self.service.start()
-        self.prompt = self.service.request_prompt(None)
+        self.prompt = self.service.ask()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import torch

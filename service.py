@@ -164,10 +164,8 @@ class CaptionService:
         return info
 
     # ----- the data path ------------------------------------------------------------------------------------
-    def config_fingerprint(self, ask: Ask | str | None) -> str:
-        """Hash of everything besides the image that changes the answer to a request with this ask (or prompt)."""
-        if not isinstance(ask, Ask):
-            ask = Ask(ask, None, self.params)
+    def config_fingerprint(self, ask: Ask) -> str:
+        """Hash of everything besides the image that changes the answer to a request with this ask."""
         captioner = self.captioner
         return fingerprint(
             family=captioner.family, model=captioner.model_id, revision=captioner.revision,
@@ -200,10 +198,6 @@ class CaptionService:
         self.captioner.check_prompt(prompt, params, system_prompt=system_prompt)
         return Ask(prompt, system_prompt or None, params)
 
-    def request_prompt(self, prompt: str | None) -> Ask:
-        """The ask of a request that gives only a prompt (or nothing): the server's defaults otherwise."""
-        return self.ask(prompt)
-
     def caption_uploads(self, uploads: Sequence[Upload], ask: Ask | str | None,
                         refused: dict[int, ServiceError] | None = None) -> "Answer":
         """One result per upload, in order: caption, tags and whether it came from the cache, or its error.
@@ -212,9 +206,7 @@ class CaptionService:
         if not self.ready:
             raise NotReadyError("the model is still loading; retry in a few seconds", retry_after=5)
         prompt = ask if isinstance(ask, Ask) else self.ask(ask)
-        answer = Answer(uploads)
-        for index, error in (refused or {}).items():
-            answer.fail(index, error)
+        answer = Answer(uploads, refused)
         # Announce the files before hashing and decoding them, so that a batch forming in the model thread
         # waits for them instead of leaving without them.
         with self.batcher.expecting(len(uploads)):
@@ -350,13 +342,15 @@ class Answer:
     response's status from them.
     """
 
-    def __init__(self, uploads: Sequence[Upload]) -> None:
+    def __init__(self, uploads: Sequence[Upload], refused: dict[int, ServiceError] | None = None) -> None:
         self.uploads = uploads
         self.results: list[dict[str, Any]] = [{} for _ in uploads]
         self.errors: list[ServiceError | None] = [None] * len(uploads)
         self.digests: list[str | None] = [None] * len(uploads)  # SHA-256 of each file that was hashed
         self.keys: list[str | None] = [None] * len(uploads)  # and its cache key
         self._indexes: dict[str, list[int]] = {}  # key -> the uploads with that key, not answered yet
+        for index, error in (refused or {}).items():  # answered before the service saw them (by index)
+            self.fail(index, error)
 
     @property
     def pending(self) -> list[str]:

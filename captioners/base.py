@@ -171,9 +171,6 @@ class Captioner(ABC):
         import torch
 
         torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first op there: now, not inside
-        if self._threadpools is None:
-            yield
-            return
         with self._threadpools.limit(limits=1, user_api="openmp"):
             yield
 
@@ -410,12 +407,6 @@ def resolve_device(requested: str) -> "torch.device":
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {requested}: Apple MPS is not available here; use --device cpu or auto")
     return device
-
-
-def resolve_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str,
-                  cpu_flags: frozenset[str] | None = None) -> "torch.dtype":
-    """The dtype of choose_dtype, without its reason."""
-    return choose_dtype(requested, device, float16_safe, family_name, cpu_flags)[0]
 
 
 def choose_dtype(requested: str, device: "torch.device", float16_safe: bool, family_name: str,

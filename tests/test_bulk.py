@@ -12,8 +12,8 @@ import fcntl
 import json
 import os
 import pty
-import select
 import secrets
+import select
 import shutil
 import signal
 import struct

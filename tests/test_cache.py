@@ -29,7 +29,7 @@ from captioners.base import GenerationParams
 from claims import Claims
 from config import Config
 from metrics import Metrics
-from service import CaptionService
+from service import Ask, CaptionService
 from support.fakes import FakeCaptioner, FakeTagger
 from support.services import RedisServer, free_port, unique_prefix
 
@@ -82,7 +82,7 @@ class ServiceFingerprintTest(unittest.TestCase):
            **captioner: Any) -> str:
         service = CaptionService(config or Config(), captioner=FakeCaptioner(**captioner),
                                  tagger=FakeTagger(tagger), cache=NullCache("p", 1))
-        return service.config_fingerprint(prompt)
+        return service.config_fingerprint(Ask(prompt, None, service.params))
 
     def test_each_part_of_the_configuration_changes_the_fingerprint(self) -> None:
         base = self.fp()

@@ -20,7 +20,6 @@ from captioners.base import (
     default_batch_size,
     fast_bfloat16,
     resolve_device,
-    resolve_dtype,
     to_device,
 )
 from errors import ConfigError, InvalidPromptError, PromptTooLongError
@@ -191,7 +190,7 @@ class StartupChecksTest(unittest.TestCase):
         import torch
 
         cpu = torch.device("cpu")
-        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP", frozenset({"avx2", "avx512f"})), torch.float32)
+        self.assertEqual(choose_dtype("auto", cpu, True, "BLIP", frozenset({"avx2", "avx512f"}))[0], torch.float32)
         for flags, name in (({"avx512_bf16"}, "AVX512-BF16"), ({"amx_bf16", "avx512_bf16"}, "AMX-BF16")):
             dtype, reason = choose_dtype("auto", cpu, False, "Gemma 3", frozenset(flags))
             self.assertEqual(dtype, torch.bfloat16)
@@ -203,10 +202,10 @@ class StartupChecksTest(unittest.TestCase):
                          (torch.float32, "--dtype float32"))
         # what this machine's CPU gets
         expected = torch.bfloat16 if fast_bfloat16(cpu_flag_set()) else torch.float32
-        self.assertEqual(resolve_dtype("auto", cpu, True, "BLIP"), expected)
-        self.assertEqual(resolve_dtype("bfloat16", cpu, False, "Gemma 3"), torch.bfloat16)
+        self.assertEqual(choose_dtype("auto", cpu, True, "BLIP")[0], expected)
+        self.assertEqual(choose_dtype("bfloat16", cpu, False, "Gemma 3")[0], torch.bfloat16)
         with self.assertRaises(ConfigError):
-            resolve_dtype("float16", cpu, False, "Gemma 3")
+            choose_dtype("float16", cpu, False, "Gemma 3")
         self.assertEqual(resolve_device("cpu"), cpu)
         if not torch.cuda.is_available():
             self.assertEqual(resolve_device("auto").type, "mps" if torch.backends.mps.is_available() else "cpu")
