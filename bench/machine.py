@@ -126,3 +126,12 @@ def vm_kib(pid: int, field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process PID so far, all its threads (/proc/PID/stat utime + stime)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -144,11 +144,23 @@ def _batch(c: dict[str, Any]) -> list[str]:
                 f"generate + decode, from /metrics), {sv['http_s_per_request_in_flask']} s in the Flask view; "
                 f"{sv['batches']} model calls for {len(runs['http'])} requests (mean batch "
                 f"{sv['mean_batch_size']}). Client-seen time minus captioner time: {sv['overhead_s_per_request']} s "
-                f"per request (HTTP, JPEG decoding, tags, JSON).", "",
+                f"per request (HTTP, JPEG decoding, tags, JSON; means of both).", "",
+                *_cpu_line(case),
                 f"Captions of the service equal to the in-process batched ones: {case['captions_equal_to_batched']}; "
                 f"per-image loop vs batched: {case['loop_captions_equal_to_batched']} (batching changes the float "
                 f"arithmetic slightly, which can flip a greedy choice of random weights).", ""]
     return out
+
+
+def _cpu_line(case: dict[str, Any]) -> list[str]:
+    """CPU seconds per call and cores kept busy, bare call vs the server process (absent in older results)."""
+    cpu, busy = case.get("cpu_s_per_call"), case.get("busy_cores")
+    if not cpu:
+        return []
+    return [f"CPU seconds per call (all threads): bare batched {cpu['batched']} s ({busy['batched']} cores busy), "
+            f"the server process per request {cpu['http']} s ({busy['http']} cores busy; it also decodes the JPEGs "
+            f"and makes the tags, on one core). The same model work with fewer cores busy means threads waited "
+            f"(OpenMP workers sleeping between ops: bench/README.md).", ""]
 
 
 def _concurrency(c: dict[str, Any]) -> list[str]:
@@ -305,7 +317,9 @@ def _method(gpu: bool) -> list[str]:
         "the JPEGs itself. The in-process calls run on one worker thread, as the service's model runs on its "
         "batcher thread (on a busy 2-core machine, 2-thread PyTorch ops issued from the main thread ran several "
         "times slower than from another thread, which would flatter the service). The three are interleaved "
-        "run by run so that changes in the machine's load hit all alike.",
+        "run by run so that changes in the machine's load hit all alike. CPU seconds: this process's "
+        "`time.process_time()` around the bare call, the server's utime + stime (/proc/PID/stat) around the "
+        "request.",
         "2. **Concurrent clients**: C threads, each with its own keep-alive connection and its own image, "
         "released together by a barrier; timed until the last answer. Against the same C requests sent one "
         "after another. (With --serial-sample K, the default K=8 on a GPU, the one-at-a-time baselines here "

@@ -265,14 +265,22 @@ def _batch_case(b: Bench, dtype: str, size: int) -> dict[str, Any]:
         server.served_batch = True
         runs: dict[str, list[float]] = {"loop": [], "batched": [], "http": []}
         server_side = {"generate_s": 0.0, "http_caption_s": 0.0, "batches": 0.0, "batched_images": 0.0}
+        # CPU seconds per call, all threads: the bare call's from this process, the request's from the server's
+        # (CPU time / wall time shows how many cores each kept busy: a model thread whose OpenMP workers sleep
+        # between ops shows up here as fewer busy cores for the same work, see bench/README.md)
+        cpu: dict[str, list[float]] = {"batched": [], "http": []}
         for _ in range(b.repeats):  # interleaved, so drift in the machine's load hits every path alike
             seconds, loop_captions = direct.loop(loop_images)
             runs["loop"].append(seconds)
+            used = time.process_time()
             seconds, batch_captions = direct.batched(images)
+            cpu["batched"].append(time.process_time() - used)
             runs["batched"].append(seconds)
             server.clear_cache()
             before = clients.scrape(server.url)
+            used = machine.cpu_seconds(server.pid)
             seconds, results = clients.post(session, server.url, body, size, cached=False)
+            cpu["http"].append(machine.cpu_seconds(server.pid) - used)
             runs["http"].append(seconds)
             for k, v in clients.delta(before, clients.scrape(server.url)).items():
                 if k in server_side:
@@ -295,7 +303,10 @@ def _batch_case(b: Bench, dtype: str, size: int) -> dict[str, Any]:
         "server": {"generate_s_per_request": round(per_request_generate, 3),
                    "http_s_per_request_in_flask": round(server_side["http_caption_s"] / max(1, b.repeats), 3),
                    "batches": server_side["batches"], "mean_batch_size": server_side["mean_batch_size"],
-                   "overhead_s_per_request": round(med["http"] - per_request_generate, 3)},
+                   # means on both sides (the captioner's figure is a mean over the requests)
+                   "overhead_s_per_request": round(statistics.mean(runs["http"]) - per_request_generate, 3)},
+        "cpu_s_per_call": {k: round(statistics.mean(v), 3) for k, v in cpu.items()},
+        "busy_cores": {k: round(sum(cpu[k]) / sum(runs[k]), 2) for k in cpu},
         "captions_equal_to_batched": f"{_same(http_captions, batch_captions)}/{size}",
         "loop_captions_equal_to_batched": f"{_same(loop_captions, batch_captions)}/{len(loop_images)}",
     }

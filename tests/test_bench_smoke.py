@@ -77,6 +77,9 @@ class BenchSmokeTest(unittest.TestCase):
         for path in ("loop", "batched", "http"):
             self.assertGreater(case["images_per_s"][path], 0)
         self.assertEqual(case["captions_equal_to_batched"], "8/8")  # the service did the same work
+        for path in ("batched", "http"):  # CPU seconds of both sides: some, and never more cores than there are
+            self.assertGreater(case["cpu_s_per_call"][path], 0)
+            self.assertLessEqual(case["busy_cores"][path], (os.cpu_count() or 1) * 1.25)  # 10 ms /proc ticks
         self.assertGreater(c["concurrency"]["cases"][0]["ratio_concurrent_vs_sequential"], 0)
         self.assertTrue(c["cache"]["all_hits"])
         self.assertGreater(c["cache"]["saturation"]["req_per_s"], 0)
