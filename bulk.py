@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import logs
-from allocator import keep_freed_memory
 from bulk_io import FORMATS, Item, JsonlOutput, Output, ParquetOutput, SidecarOutput, iter_items, output_format, row_of
 from config import Config, build_parser, config_from_args
 from errors import ConfigError, ModelLoadError, UnreadableFileError
@@ -264,7 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure_logging(config.log_level, config.log_format)
-    log.info("Memory: %s", keep_freed_memory())  # before the reader threads start (allocator.py)
     counts = Counts()
     started = time.monotonic()
     try:

@@ -23,7 +23,6 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from allocator import worker_environment
 from bulk import read_items
 from bulk_io import Item, row_of
 from captioners.base import default_batch_size
@@ -113,11 +112,9 @@ def _runtime_env(address: str) -> dict[str, Any]:
     """The workers import this project: from this checkout on this machine's cluster, uploaded to a remote one
     (its environment must have the requirements installed, e.g. the same image)."""
     root = Path(__file__).resolve().parent
-    env_vars = worker_environment()  # the workers' malloc keeps freed memory, as the local command's does
     if address.startswith("ray://"):
-        return {"working_dir": str(root), "excludes": [".git", ".venv", ".cache", "bench/models", "tests/artifacts"],
-                **({"env_vars": env_vars} if env_vars else {})}
-    return {"env_vars": {"PYTHONPATH": str(root), **env_vars}}
+        return {"working_dir": str(root), "excludes": [".git", ".venv", ".cache", "bench/models", "tests/artifacts"]}
+    return {"env_vars": {"PYTHONPATH": str(root)}}
 
 
 @functools.cache

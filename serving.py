@@ -23,7 +23,6 @@ import uuid
 from typing import Any, Sequence
 
 import logs
-from allocator import keep_freed_memory
 from app import create_app, too_large_message
 from config import Config, load_config
 from errors import (
@@ -202,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure_logging(config.log_level, config.log_format)
-    log.info("Memory: %s", keep_freed_memory())  # before any thread of ours starts (allocator.py)
     raise_open_file_limit(config.connection_limit + 256)
     service = CaptionService(config)
     app = create_app(config, service=service)
