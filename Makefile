@@ -30,6 +30,7 @@ test-fast: setup-dev
 check-services:
 	@command -v redis-server >/dev/null 2>&1 || { echo "make test: redis-server is missing; install it (apt-get install -y redis-server), or run make test-fast" >&2; exit 1; }
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { echo "make test: Chromium is missing (the demo-page tests need it); install it (apt-get install -y chromium), or run make test-fast" >&2; exit 1; }
+	@$(PY) -c "import allocator, sys; sys.exit(allocator.find_jemalloc() is None)" || { echo "make test: jemalloc is missing (the service runs on it where installed; tests/test_allocator.py); install it (apt-get install -y libjemalloc2), or run make test-fast" >&2; exit 1; }
 
 setup: $(VENV)/.installed-run-$(RUN_HASH)
 

@@ -46,9 +46,9 @@ class Batcher(Generic[R]):
 
     def __init__(self, forward: ForwardFn, postprocess: Callable[[list[Job], list[str]], list[R]], *,
                  max_batch_size: int = 8, max_wait_s: float = 0.005, max_queue: int = 256,
-                 metrics: "Metrics | None" = None, warm_up: Callable[[], None] | None = None) -> None:
+                 metrics: "Metrics | None" = None, setup: Callable[[], None] | None = None) -> None:
         self.forward = forward
-        self.warm_up = warm_up
+        self.setup = setup
         self.postprocess = postprocess
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -64,8 +64,8 @@ class Batcher(Generic[R]):
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start the model and post-processing threads; returns once the model thread has run `warm_up`, and
-        raises what it raised.
+        """Start the model and post-processing threads; returns once the model thread has run `setup` (the
+        service's: the model thread's memory arena, then the warm-up caption), and raises what it raised.
 
         The warm-up runs on the model thread because PyTorch's OpenMP worker threads belong to the thread that
         calls the model. A model call from any other thread leaves a second team of idle workers behind; with more
@@ -144,8 +144,8 @@ class Batcher(Generic[R]):
 
     def _model_loop(self, warmed: Future) -> None:
         try:
-            if self.warm_up is not None:
-                self.warm_up()
+            if self.setup is not None:
+                self.setup()
         except BaseException as exc:  # noqa: BLE001 - start() raises it
             warmed.set_exception(exc)
             return

@@ -27,6 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import allocator
 import logs
 from bulk_io import FORMATS, Item, JsonlOutput, Output, ParquetOutput, SidecarOutput, iter_items, output_format, row_of
 from config import Config, build_parser, config_from_args
@@ -259,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_cache:
             config = config.replace(cache_backend="off")
         config = config.replace(warmup=False)
+        if argv is None:  # run as the program: jemalloc replaces malloc (this may start the command again)
+            allocator.preload(config.allocator)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

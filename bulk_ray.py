@@ -23,6 +23,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import allocator
 from bulk import read_items
 from bulk_io import Item, row_of
 from captioners.base import default_batch_size
@@ -112,9 +113,11 @@ def _runtime_env(address: str) -> dict[str, Any]:
     """The workers import this project: from this checkout on this machine's cluster, uploaded to a remote one
     (its environment must have the requirements installed, e.g. the same image)."""
     root = Path(__file__).resolve().parent
+    memory = allocator.preload_env()  # the driver's jemalloc for the workers too (the model thread's arena)
     if address.startswith("ray://"):
-        return {"working_dir": str(root), "excludes": [".git", ".venv", ".cache", "bench/models", "tests/artifacts"]}
-    return {"env_vars": {"PYTHONPATH": str(root)}}
+        return {"working_dir": str(root), "excludes": [".git", ".venv", ".cache", "bench/models", "tests/artifacts"],
+                **({"env_vars": memory} if memory else {})}
+    return {"env_vars": {"PYTHONPATH": str(root), **memory}}
 
 
 @functools.cache

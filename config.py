@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from allocator import MODES as ALLOCATORS
 from captioners import DEFAULT_FAMILY, FAMILIES
 from errors import ConfigError
 
@@ -104,6 +105,9 @@ class Config:
     log_level: str = _setting("INFO", "LOG_LEVEL")
     log_format: str = _setting("text", "LOG_FORMAT", None, "text or json")
     warmup: bool = _setting(True, "WARMUP", None, "caption one blank image before reporting ready")
+    allocator: str = _setting("auto", "ALLOCATOR", None,
+                              "memory allocator: auto (jemalloc where installed, else the system's malloc), "
+                              "jemalloc, system, or the path of a libjemalloc.so")
 
     def __post_init__(self) -> None:
         problems = []
@@ -116,6 +120,9 @@ class Config:
             problems.append(f"{_describe('dtype')} must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.cache_backend not in CACHE_BACKENDS:
             problems.append(f"CACHE_BACKEND must be one of {', '.join(CACHE_BACKENDS)}, not {self.cache_backend!r}")
+        if self.allocator not in ALLOCATORS and "/" not in self.allocator:
+            problems.append(f"ALLOCATOR must be one of {', '.join(ALLOCATORS)} or the path of a libjemalloc.so, "
+                            f"not {self.allocator!r}")
         if self.log_format not in ("text", "json"):
             problems.append(f"LOG_FORMAT must be text or json, not {self.log_format!r}")
         for name in ("max_new_tokens", "port", "threads", "cache_ttl_seconds", "max_request_bytes",

@@ -120,6 +120,8 @@ class Ready(Body):
                                              "captions are noise.")
     cache: CacheState
     default_prompt: Optional[str]
+    allocator: str = Field(description="The process's malloc: jemalloc (with the model thread keeping the memory it "
+                                       "frees for the next batch) or the system's, and why (ALLOCATOR).")
 
 
 class NotReady(Body):
@@ -135,6 +137,7 @@ class NotReady(Body):
     random_weights: Optional[bool] = None
     cache: CacheState
     default_prompt: Optional[str]
+    allocator: str
 
 
 # ----- request bodies ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
+import allocator
 from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
 from captioners.base import GenerationParams, default_batch_size
@@ -112,13 +113,19 @@ class CaptionService:
                  "MAX_BATCH_SIZE" if self.config.max_batch_size else f"the default on {self.captioner.device}")
         self.batcher = Batcher(self._forward, self._postprocess, max_batch_size=self.batch_size,
                                max_wait_s=self.config.batch_wait_ms / 1000, max_queue=self.config.max_queue_images,
-                               metrics=self.metrics, warm_up=self._warm_up if self.config.warmup else None)
+                               metrics=self.metrics, setup=self._on_model_thread)
         self.batcher.start()  # the warm-up runs on the model thread, where every later model call runs
+        log.info("Memory: %s", allocator.describe())
         self.state = "ready"
         self._ready.set()
 
-    def _warm_up(self) -> None:
-        """One caption of a blank image, so the first real request does not pay for lazy initialisation."""
+    def _on_model_thread(self) -> None:
+        """First on the model thread: an arena that keeps what the model frees (allocator.py), then, unless
+        WARMUP is off, one caption of a blank image, so the first real request does not pay for lazy
+        initialisation."""
+        allocator.keep_freed_memory()
+        if not self.config.warmup:
+            return
         from PIL import Image
 
         started = time.perf_counter()
@@ -150,7 +157,7 @@ class CaptionService:
                 "id": self.config.model_path or FAMILIES[self.config.family].default_checkpoint}
 
     def readiness(self) -> dict[str, Any]:
-        """State for /readyz: model, device, dtype, cache backend and whether Redis answers now."""
+        """State for /readyz: model, device, dtype, cache backend and whether Redis answers now, the allocator."""
         info: dict[str, Any] = {"status": self.state, "model": self.model_info()}
         if self.captioner is not None:
             described = self.captioner.describe()
@@ -161,6 +168,7 @@ class CaptionService:
         info["cache"] = {"backend": backend,
                          "redis_reachable": self.cache.available() if backend == "redis" else None}
         info["default_prompt"] = self.config.caption_prompt
+        info["allocator"] = allocator.describe()
         return info
 
     # ----- the data path ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any, Sequence
 
+import allocator
 import logs
 from app import create_app, too_large_message
 from config import Config, load_config
@@ -197,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the configuration, start serving, load the model, serve until a signal; the exit code."""
     try:
         config = load_config(argv)
+        if argv is None:  # run as the program: jemalloc replaces malloc (this may start the command again)
+            allocator.preload(config.allocator)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -130,8 +130,20 @@ def vm_kib(pid: int, field: str) -> int | None:
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process PID so far, all its threads (/proc/PID/stat utime + stime)."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
+
+
+def minor_faults(pid: int) -> int | None:
+    """Page faults served without I/O by process PID so far, all its threads (/proc/PID/stat minflt): memory the
+    process touched for the first time since the kernel gave it (or took it back)."""
+    fields = _stat(pid)
+    return int(fields[7]) if fields else None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (fields[0] is the state, field 3 of proc(5))."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

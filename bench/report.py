@@ -74,6 +74,10 @@ def render(r: dict[str, Any]) -> str:
                 rows.append([f"6. whole caption GFLOP/s vs the same matmul ({row['dtype']})",
                              f"{_fmt(row['caption']['gflop_per_s'])} ({row['caption']['vs_matmul']:.0%}; "
                              f"{_fmt(row['caption']['images_per_s'])} images/s)", "(reported)", "–"])
+    if comps.get("allocator", {}).get("status") == "ok":
+        for case in comps["allocator"]["cases"]:
+            rows.append([f"8. default server (jemalloc) vs ALLOCATOR=system, {case['images']}-image request "
+                         f"({case['dtype']})", f"{_fmt(case['ratio_default_vs_system'])} x", "(reported)", "–"])
     out += _table(["comparison", "measured", "target", "result"], rows)
 
     out += ["## Machine", ""]
@@ -108,6 +112,8 @@ def render(r: dict[str, Any]) -> str:
                             ("flops", "6. How close to the machine's limit: vision encoder vs a large matmul", _flops),
                             ("bulk", "7. The bulk command over a folder vs an overlapped batched generate loop",
                              _bulk),
+                            ("allocator", "8. The model thread's memory: jemalloc keeping it vs the system's malloc",
+                             _allocator),
                             ("speedups", "Speed-ups tried (in-process, one batch of 8 images)", _speedups)):
         if name not in comps:
             continue
@@ -239,6 +245,22 @@ def _bulk(c: dict[str, Any]) -> list[str]:
     return out
 
 
+def _allocator(c: dict[str, Any]) -> list[str]:
+    rows = []
+    for case in c["cases"]:
+        for k, label in (("system", "ALLOCATOR=system"), ("default", "default (ALLOCATOR=auto)")):
+            rows.append([case["dtype"], label, case["allocator"][k], case["median_s"][k], _runs(case["runs_s"][k]),
+                         f"{case['minor_faults_per_request'][k]:,}", case["cpu_s_per_request"][k],
+                         f"{case['ratio_default_vs_system']}×" if k == "default" else "1×"])
+    out = _table(["dtype", "server", "allocator (/readyz)", "median s", "runs (s)", "page faults per request",
+                  "CPU s per request", "vs system"], rows)
+    out += [f"One request of {c['cases'][0]['images'] if c['cases'] else '?'} images to each server in turn, so "
+            "both sit idle equally long between their requests. Page faults are the server process's minor faults "
+            "during the request (/proc/PID/stat, all threads). Captions equal between the two: "
+            + ", ".join(f"{case['dtype']} {case['captions_equal']}" for case in c["cases"]) + ".", ""]
+    return out
+
+
 def median_of(values: list[float]) -> float:
     import statistics
 
@@ -337,7 +359,12 @@ def _method(gpu: bool) -> list[str]:
         "process; its rate from its own summary line, counted from the moment its model was loaded), against a "
         "bare loop in this process: batches of the same size, two threads reading, decoding and running the "
         "processor ahead while the model thread runs `generate` (interleaved run by run). Then one run with "
-        "`--ray --workers 1` on a local Ray started by the command, timed whole.",
+        "`--ray --workers 1` on a local Ray started by the command, timed whole. The bare loop runs on this "
+        "process's malloc (the system's); the bulk command on jemalloc where installed, as the server.",
+        "8. **Allocator**: in each dtype, a default server (`ALLOCATOR=auto`: jemalloc where installed, with the "
+        "model thread keeping the memory it frees) and one with `ALLOCATOR=system`, the same N-image request "
+        "alternating between them; the servers' minor page faults (/proc/PID/stat) during each request. The "
+        "bare calls of comparisons 1, 6 and 7 run in this process, on the system's malloc.",
         "- **Speed-ups**: each variant loads the checkpoint afresh (or modifies it), then one batched call of the "
         "8 images as in comparison 1; the first call is timed apart (it includes compilation), then the median of "
         "the timed runs. 'Unsupported' rows show the error transformers or torch gave.", "",

@@ -49,7 +49,7 @@ from captioners.base import GPU_BATCH_SIZE, default_batch_size  # noqa: E402
 
 log = logging.getLogger("bench")
 
-COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "bulk", "speedups")
+COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "bulk", "allocator", "speedups")
 BULK_IMAGES = 64  # images in the bulk comparison (issue 12)
 NEW_TOKENS = 20
 CACHE_RATE = 300.0  # req/s offered in the cache-hit latency run (the issue's throughput target)
@@ -144,7 +144,8 @@ class Bench:
 
     # ----- resources -------------------------------------------------------------------------------------------
     def server(self, dtype: str) -> Server:
-        """The running server for this dtype (started on first use; start-to-ready timed)."""
+        """The running server for this dtype (started on first use; start-to-ready timed). `DTYPE|ALLOCATOR`
+        names a server with that ALLOCATOR setting (comparison 8), e.g. `bfloat16|system`."""
         if dtype not in self.servers:
             self.start_servers([dtype])
         return self.servers[dtype]
@@ -154,9 +155,10 @@ class Bench:
         from support.services import ServerProcess
 
         pending = []
-        for dtype in dict.fromkeys(dtypes):
-            if dtype in self.servers:
+        for name in dict.fromkeys(dtypes):
+            if name in self.servers:
                 continue
+            dtype, _, allocator = name.partition("|")
             env = {"MIN_NEW_TOKENS": str(self.tokens), "MAX_NEW_TOKENS": str(self.tokens),
                    "MAX_BATCH_SIZE": str(self.max_batch), "SERVER_THREADS": str(max(8, max(self.client_counts))),
                    "MAX_FILES_PER_REQUEST": str(max(32, self.max_batch)), "CACHE_BACKEND": self.cache_mode}
@@ -164,12 +166,14 @@ class Bench:
                 env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(self.redis_server().port),
                            CACHE_PREFIX=f"bench-{os.getpid()}")
             env.update(self.args.server_env)
+            if allocator:
+                env["ALLOCATOR"] = allocator
             args = ["--blip", "--model-path", str(self.folder), "--device", self.device, "--dtype", dtype]
-            log.info("starting server %s (cache %s)", dtype, self.cache_mode)
-            server = Server(f"{dtype}, cache {self.cache_mode}", ServerProcess(args, env=env), self.cache_mode)
+            log.info("starting server %s (cache %s)", name, self.cache_mode)
+            server = Server(f"{name}, cache {self.cache_mode}", ServerProcess(args, env=env), self.cache_mode)
             server.extra = {"env": env, "args": args}
             server.process.start(wait_ready=False)
-            self.servers[dtype] = server
+            self.servers[name] = server
             pending.append((server, time.perf_counter()))
         self.concurrent_start = self.concurrent_start or len(pending) > 1
         for server, started in pending:
@@ -516,6 +520,54 @@ def compare_bulk(b: Bench) -> dict[str, Any]:
     }
 
 
+# ----- comparison 8: the model thread's memory kept (jemalloc) vs the system's malloc -----------------------------
+def compare_allocator(b: Bench) -> dict[str, Any]:
+    """The N-image request on a default server (ALLOCATOR=auto: jemalloc where installed, the model thread keeping
+    what it frees) vs one with ALLOCATOR=system, in each dtype; requests alternate, so both servers sit idle
+    equally long between their requests. Page faults and CPU seconds per request from /proc/PID/stat."""
+    import requests
+
+    size = 8 if 8 in b.batch_sizes else b.max_batch
+    body = b.body(size)
+    cases = []
+    for dtype in b.dtypes:
+        names = {"system": f"{dtype}|system", "default": dtype}
+        b.start_servers(list(names.values()))
+        servers = {k: b.server(v) for k, v in names.items()}
+        runs: dict[str, list[float]] = {k: [] for k in names}
+        faults: dict[str, list[int]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
+        captions: dict[str, list[str]] = {}
+        with requests.Session() as session:
+            for server in servers.values():
+                server.clear_cache()
+                clients.post(session, server.url, body, size, cached=False)  # warm-up: the model's peak, once
+                server.served_batch = True
+            for _ in range(b.repeats):
+                for k, server in servers.items():
+                    server.clear_cache()
+                    faulted, used = machine.minor_faults(server.pid), machine.cpu_seconds(server.pid)
+                    seconds, results = clients.post(session, server.url, body, size, cached=False)
+                    runs[k].append(seconds)
+                    faults[k].append(machine.minor_faults(server.pid) - faulted)
+                    cpu[k].append(machine.cpu_seconds(server.pid) - used)
+                    captions[k] = [r["caption"] for r in results]
+            described = {k: requests.get(s.url + "/readyz", timeout=10).json().get("allocator")
+                         for k, s in servers.items()}
+        b.servers.pop(names["system"]).process.stop()  # its memory back for the comparisons that follow
+        med = {k: median(v) for k, v in runs.items()}
+        cases.append({
+            "dtype": dtype, "images": size, "allocator": described,
+            "runs_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+            "median_s": {k: round(v, 3) for k, v in med.items()},
+            "minor_faults_per_request": {k: round(statistics.median(v)) for k, v in faults.items()},
+            "cpu_s_per_request": {k: round(statistics.mean(v), 3) for k, v in cpu.items()},
+            "ratio_default_vs_system": _ratio(med["system"], med["default"]),
+            "captions_equal": f"{_same(captions['default'], captions['system'])}/{size}",
+        })
+    return {"cases": cases, "targets": []}
+
+
 # ----- comparison 5: memory and start-up ---------------------------------------------------------------------------
 def compare_memory(b: Bench) -> dict[str, Any]:
     """Peak RSS (VmHWM) of each server after it served the N-image request, and its start-to-ready time."""
@@ -754,7 +806,8 @@ def _cpu_probe(b: Bench, v: Variant, images: list[Any]) -> None:
 
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "batch": compare_batch, "concurrency": compare_concurrency, "cache": compare_cache, "dtype": compare_dtype,
-    "memory": compare_memory, "flops": compare_flops, "bulk": compare_bulk, "speedups": compare_speedups,
+    "memory": compare_memory, "flops": compare_flops, "bulk": compare_bulk, "allocator": compare_allocator,
+    "speedups": compare_speedups,
 }
 
 
@@ -830,7 +883,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "-gpu" if args.device == "cuda" else ""
     json_path, md_path = out_dir / f"results{suffix}.json", out_dir / f"RESULTS{suffix}.md"
-    selected = args.only or list(COMPARISONS)
+    # comparison 8 is about the CPU's page faults: a GPU run (bench/gpu.sh, 5 minutes) leaves it out unless --only
+    selected = args.only or [n for n in COMPARISONS if not (args.device == "cuda" and n == "allocator")]
     results: dict[str, Any] = {
         "meta": {"started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),

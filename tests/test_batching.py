@@ -345,7 +345,7 @@ class WarmUpTest(unittest.TestCase):
             return model.forward(images, group)
 
         batcher = Batcher(forward, FakePostprocess(), max_wait_s=0.0,
-                          warm_up=lambda: seen.append(("warm-up", threading.current_thread())))
+                          setup=lambda: seen.append(("warm-up", threading.current_thread())))
         batcher.start()
         self.addCleanup(batcher.stop, 2.0)
         self.assertEqual(len(seen), 1)  # start() returned after the warm-up, before any job
@@ -359,7 +359,7 @@ class WarmUpTest(unittest.TestCase):
         def broken() -> None:
             raise RuntimeError("no weights")
 
-        batcher = Batcher(FakeModel().forward, FakePostprocess(), max_wait_s=0.0, warm_up=broken)
+        batcher = Batcher(FakeModel().forward, FakePostprocess(), max_wait_s=0.0, setup=broken)
         with self.assertRaisesRegex(RuntimeError, "no weights"):
             batcher.start()
         for thread in batcher._threads:

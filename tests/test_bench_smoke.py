@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from support.services import REPO_ROOT, missing_service
+from support.services import IN_CI, REPO_ROOT, missing_service
 
 pytestmark = pytest.mark.live
 
-COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "bulk", "speedups")
+COMPARISONS = ("batch", "concurrency", "dtype", "memory", "cache", "flops", "bulk", "allocator", "speedups")
 
 
 def _numbers(value: object) -> list[float]:
@@ -102,6 +102,18 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertEqual(bulk["captions_equal_to_reference"], f"{bulk['images']}/{bulk['images']}")
         self.assertEqual(bulk["ray"]["captions_equal_to_local"], f"{bulk['images']}/{bulk['images']}")
         self.assertGreater(bulk["ratio_bulk_vs_reference"], 0)
+        import allocator
+
+        self.assertEqual([case["dtype"] for case in c["allocator"]["cases"]], ["float32", "bfloat16"])
+        for case in c["allocator"]["cases"]:  # a server on each allocator, doing the same work
+            self.assertEqual(case["allocator"]["system"], "system malloc (ALLOCATOR=system)")
+            if allocator.find_jemalloc() or IN_CI:  # `make test` and CI install it
+                self.assertRegex(case["allocator"]["default"], r"^jemalloc .*the model thread keeps")
+            self.assertEqual(case["captions_equal"], f"{case['images']}/{case['images']}")
+            for k in ("system", "default"):
+                self.assertGreaterEqual(case["minor_faults_per_request"][k], 0)
+                self.assertGreater(case["cpu_s_per_request"][k], 0)
+            self.assertGreater(case["ratio_default_vs_system"], 0)
         rows = {row["name"]: row for row in c["speedups"]["rows"]}
         self.assertEqual(rows["fp32"]["status"], "ok")
         self.assertIn(rows["sdpa"]["status"], ("ok", "unsupported"))
@@ -118,7 +130,7 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertIn("# Throughput benchmark results", text)
         self.assertIn("Smoke run on the tests' tiny checkpoint", text)
         for heading in ("## Summary", "## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.",
-                        "## Speed-ups tried"):
+                        "## 8.", "## Speed-ups tried"):
             self.assertIn(heading, text)
 
 
