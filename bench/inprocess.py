@@ -12,11 +12,16 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from PIL import Image
 
+import allocator
+
 T = TypeVar("T")
 # Every timed model call runs on this one thread, as the service's model runs on its batcher thread. On a busy
 # 2-core machine PyTorch's two OpenMP threads ran small ops 3-6x slower when the calls came from the main thread
 # than from another thread, which would make a main-thread baseline look slower than the service for no reason.
-_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+# Like the service's model thread, it keeps the memory it frees when this process runs on jemalloc (run.py
+# preloads it as the server does), so that the bare calls and the service pay the same for their memory.
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model",
+                                   initializer=allocator.keep_freed_memory)
 
 
 def on_model_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -87,6 +87,9 @@ def render(r: dict[str, Any]) -> str:
             f"{'virtual machine' if m['hypervisor'] else 'bare metal'}; torch threads {m['torch_threads']}, "
             f"torch CPU capability {m.get('torch_cpu_capability')}",
             f"- Flags: {flags}", f"- bfloat16: {m['bf16']}", f"- RAM: {m['ram_gib']} GiB; kernel {m['kernel']}"]
+    if meta.get("allocator"):
+        out.append(f"- malloc of the benchmark's own process (its bare calls, on its model thread): "
+                   f"{meta['allocator']}")
     if m.get("gpu"):
         g = m["gpu"]
         out.append(f"- GPU: {g['name']} ×{g['count']}, {g['memory_gib']} GiB, compute capability {g['capability']}, "
@@ -301,7 +304,23 @@ def _flops(c: dict[str, Any]) -> list[str]:
                 "decoder (one step per new token with the KV cache: self-attention projections 8D², scores and "
                 "values 4LD, cross-attention 4D² + 4ND, MLP 4DM, LM head 2DV; the image's cross-attention keys "
                 "and values 4NED per layer once).", ""]
+    by_dtype = {r["dtype"]: r for r in c["rows"]}
+    base = by_dtype.get("float32")
+    for name, r in by_dtype.items():
+        if base is None or name == "float32":
+            continue
+        parts = [f"matmul {_ratio_text(r['matmul']['gflop_per_s'], base['matmul']['gflop_per_s'])}",
+                 f"vision encoder {_ratio_text(r['vision_gflop_per_s'], base['vision_gflop_per_s'])}"]
+        if "caption" in r and "caption" in base:
+            parts.append(f"whole caption {_ratio_text(r['caption']['gflop_per_s'], base['caption']['gflop_per_s'])}")
+        out += [f"{name} vs float32 in this run: {', '.join(parts)}. A dtype's gain on the whole caption is bounded "
+                "by its gain on matrix products, which do most of the work (`bench/profile_caption.py` splits "
+                "the time by operator).", ""]
     return out
+
+
+def _ratio_text(value: float, base: float) -> str:
+    return f"{value / base:.2f}×" if base else "–"
 
 
 VERDICTS = ((1.05, "helps"), (0.95, "no measurable gain"), (0.0, "slower"))
@@ -339,7 +358,10 @@ def _method(gpu: bool) -> list[str]:
         "the JPEGs itself. The in-process calls run on one worker thread, as the service's model runs on its "
         "batcher thread (on a busy 2-core machine, 2-thread PyTorch ops issued from the main thread ran several "
         "times slower than from another thread, which would flatter the service). The three are interleaved "
-        "run by run so that changes in the machine's load hit all alike. CPU seconds: this process's "
+        "run by run so that changes in the machine's load hit all alike. This process runs on the servers' "
+        "malloc (ALLOCATOR, default jemalloc where installed, preloaded as the server does) and its model "
+        "thread keeps the memory it frees as theirs does, so both sides pay the same for memory (Machine above "
+        "says which malloc ran). CPU seconds: this process's "
         "`time.process_time()` around the bare call, the server's utime + stime (/proc/PID/stat) around the "
         "request.",
         "2. **Concurrent clients**: C threads, each with its own keep-alive connection and its own image, "
@@ -359,12 +381,12 @@ def _method(gpu: bool) -> list[str]:
         "process; its rate from its own summary line, counted from the moment its model was loaded), against a "
         "bare loop in this process: batches of the same size, two threads reading, decoding and running the "
         "processor ahead while the model thread runs `generate` (interleaved run by run). Then one run with "
-        "`--ray --workers 1` on a local Ray started by the command, timed whole. The bare loop runs on this "
-        "process's malloc (the system's); the bulk command on jemalloc where installed, as the server.",
+        "`--ray --workers 1` on a local Ray started by the command, timed whole. The bare loop and the bulk "
+        "command run on the same malloc (as in 1).",
         "8. **Allocator**: in each dtype, a default server (`ALLOCATOR=auto`: jemalloc where installed, with the "
         "model thread keeping the memory it frees) and one with `ALLOCATOR=system`, the same N-image request "
-        "alternating between them; the servers' minor page faults (/proc/PID/stat) during each request. The "
-        "bare calls of comparisons 1, 6 and 7 run in this process, on the system's malloc.",
+        "alternating between them; the servers' minor page faults (/proc/PID/stat) during each request. "
+        "`ALLOCATOR=system make bench` runs the benchmark's own process on the system's malloc too.",
         "- **Speed-ups**: each variant loads the checkpoint afresh (or modifies it), then one batched call of the "
         "8 images as in comparison 1; the first call is timed apart (it includes compilation), then the median of "
         "the timed runs. 'Unsupported' rows show the error transformers or torch gave.", "",

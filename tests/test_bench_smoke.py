@@ -104,6 +104,8 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertGreater(bulk["ratio_bulk_vs_reference"], 0)
         import allocator
 
+        if allocator.find_jemalloc() or IN_CI:  # the bare calls ran on the servers' malloc, as the servers do
+            self.assertRegex(self.results["meta"]["allocator"], r"^jemalloc .*the model thread keeps")
         self.assertEqual([case["dtype"] for case in c["allocator"]["cases"]], ["float32", "bfloat16"])
         for case in c["allocator"]["cases"]:  # a server on each allocator, doing the same work
             self.assertEqual(case["allocator"]["system"], "system malloc (ALLOCATOR=system)")
@@ -132,10 +134,6 @@ class BenchSmokeTest(unittest.TestCase):
         for heading in ("## Summary", "## Machine", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.",
                         "## 8.", "## Speed-ups tried"):
             self.assertIn(heading, text)
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class GpuScriptShapeTest(unittest.TestCase):
@@ -167,3 +165,27 @@ class GpuScriptShapeTest(unittest.TestCase):
         self.assertEqual(bulk["batch_size"], CPU_BATCH_SIZE)  # bulk.py's default on this device
         self.assertGreater(bulk["bulk_images_per_s_after_load"][0], 0)
         self.assertIn("## 7.", (out / "RESULTS.md").read_text())
+
+
+class ProfileCaptionTest(unittest.TestCase):
+    """`bench/profile_caption.py` (the per-operator split of a caption's time in two dtypes) runs on the tiny
+    checkpoint and prints both tables with each dtype's time for the matrix products."""
+
+    def test_profile_tables(self) -> None:
+        process = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "bench" / "profile_caption.py"), "--tiny", "--images", "2", "--top",
+             "30"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        self.assertEqual(process.returncode, 0, process.stderr[-4000:])
+        out = process.stdout
+        for title in ("### vision encoder", "### whole caption"):
+            self.assertIn(title, out)
+        self.assertIn("| operator | float32 s | bfloat16 s | float32 / bfloat16 |", out)
+        totals = [line.split("|")[2:4] for line in out.splitlines() if line.startswith("| **all operators**")]
+        self.assertEqual(len(totals), 2, out)
+        for cells in totals:  # time was measured in both dtypes
+            self.assertTrue(all(float(cell) > 0 for cell in cells), cells)
+        self.assertRegex(out, r"\| aten::addmm \| \d+\.\d{3} \| \d+\.\d{3} \|")  # the linear layers, both dtypes
+
+
+if __name__ == "__main__":
+    unittest.main()
