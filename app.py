@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, render_template, request
 from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import PathConverter
 
 import logs
@@ -178,8 +178,8 @@ def caption_images() -> Response:
         limit = service.config.max_files_per_request
         form = read_form(request.stream, request.headers.get("Content-Type", ""), max_parts=limit + 16)
         if not form.uploads:
-            other = sorted(set(form.other_file_fields))
-            hint = f" (found files under {', '.join(map(repr, other))})" if other else ""
+            other = [repr(name) if name else "a part with no name" for name in sorted(set(form.other_file_fields))]
+            hint = f" (found files under {', '.join(other)})" if other else ""
             raise NoImagesError(f"send one or more files as multipart/form-data under the field 'images', or a "
                                 f"JSON body{hint}")
         _check_count(len(form.uploads), limit)
@@ -301,6 +301,8 @@ def caption_status(errors: Sequence[ServiceError | None]) -> int:
 @api.route("/reset-redis", methods=["GET", "POST"])
 def reset_redis() -> Response:
     """Delete this service's cache entries (and nothing else in Redis)."""
+    if request.method == "HEAD":  # Flask answers HEAD for every GET route; a probe must not clear the cache
+        raise MethodNotAllowed(valid_methods=["GET", "POST"])
     service = get_service()
     _require_admin(service.config)
     _refuse_cross_site()

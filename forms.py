@@ -16,16 +16,22 @@ from urllib.parse import quote, unquote
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+from werkzeug.sansio.multipart import Data, Epilogue, Event, Field, File, MultipartDecoder, NeedData, State
 
-from errors import RequestTooLargeError, UnreadablePartError
+from errors import HeadersTooLargeError, RequestTooLargeError, UnreadablePartError
 from service import Upload
 
 FILE_FIELD = "images"
 CHUNK_BYTES = 256 * 1024
 MAX_FIELD_BYTES = 64 * 1024  # a text field (the prompt) is short; more is refused, never buffered
+# A part's headers (a file name, its Content-Type) are bounded as the request's own headers are (waitress's
+# 256 KiB): reading a header block costs more than linear time in its size, and tens of MB of one held the GIL
+# for a minute.
+MAX_PART_HEADER_BYTES = 256 * 1024
 
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# Without CRLF a header block is split at a bare CR or LF only where the next line starts a header field
+# ("Name:") or folds one (a space or tab): a single header line keeps the CR or LF inside its file name.
+_BARE_LINE_BREAK = re.compile(rb"[\r\n](?=[ \t]|[!#$%&'*+.^_`|~0-9A-Za-z-]+[ \t]*:)")
 _PARAM = re.compile(rb';\s*([^\s;=]+)\s*=\s*("(?:[^"\\]|\\.)*"?|[^;]*)', re.DOTALL)
 
 
@@ -76,25 +82,39 @@ def read_form(stream: IO[bytes], content_type: str, *, max_parts: int) -> Form:
 
 
 def _add(form: Form, part: Field | File, data: bytes, number: int) -> None:
-    if part.name == FILE_FIELD:
+    name = part.name or ""  # a part whose Content-Disposition has no name
+    if name == FILE_FIELD:
         form.uploads.append(Upload(part.filename if isinstance(part, File) else "", data))
     elif isinstance(part, File):
-        form.other_file_fields.append(part.name)
-    elif part.name not in form.fields:
+        form.other_file_fields.append(name)
+    elif name not in form.fields:
         try:
-            form.fields[part.name] = data.decode("utf-8")
+            form.fields[name] = data.decode("utf-8")
         except UnicodeDecodeError:
-            raise UnreadablePartError(f"the form field {part.name!r} (part {number}) is not UTF-8 text") from None
+            raise UnreadablePartError(f"the form field {name!r} (part {number}) is not UTF-8 text") from None
 
 
 class _LenientDecoder(MultipartDecoder):
-    """werkzeug's decoder, reading each part's headers leniently (see the module docstring)."""
+    """werkzeug's decoder, reading each part's headers leniently (see the module docstring), at most
+    MAX_PART_HEADER_BYTES of them."""
+
+    def next_event(self) -> Event:
+        event = super().next_event()
+        if isinstance(event, NeedData) and self.state == State.PART and len(self.buffer) > MAX_PART_HEADER_BYTES:
+            self._refuse_headers()  # refused as soon as they pass the limit, not after all of them arrived
+        return event
+
+    def _refuse_headers(self) -> None:
+        raise HeadersTooLargeError(f"the headers of part {self._parts_decoded + 1} of the multipart body are over "
+                                   f"{MAX_PART_HEADER_BYTES // 1024} KiB (a file name is at most that long)")
 
     def _parse_headers(self, data: bytes | bytearray) -> Headers:
+        if len(data) > MAX_PART_HEADER_BYTES:
+            self._refuse_headers()
         data = bytes(data)
         # Header lines end with CRLF; a bare CR or LF inside a line is part of it (a filename may hold one).
-        # Only a client that never uses CRLF gets its lines split at bare line breaks.
-        lines = data.split(b"\r\n") if b"\r\n" in data else _LINE_BREAK.split(data)
+        # Only a client that never uses CRLF gets its lines split at bare line breaks (_BARE_LINE_BREAK).
+        lines = data.split(b"\r\n") if b"\r\n" in data else _BARE_LINE_BREAK.split(data)
         merged: list[bytes] = []
         for line in lines:
             if line[:1] in (b" ", b"\t") and merged:  # a folded continuation line

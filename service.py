@@ -138,7 +138,7 @@ class CaptionService:
         if self.batcher:
             self.batcher.stop()
         self._decoder.shutdown(wait=False)
-        if self.cache:
+        if self.cache is not None:
             self.cache.close()
 
     @property
@@ -164,7 +164,7 @@ class CaptionService:
             info.update(device=described["device"], dtype=described["dtype"], dtype_reason=described["dtype_reason"],
                         revision=described["revision"],
                         random_weights=bool(described.get("random_weights")))
-        backend = self.cache.backend if self.cache else None
+        backend = self.cache.backend if self.cache is not None else None
         info["cache"] = {"backend": backend,
                          "redis_reachable": self.cache.available() if backend == "redis" else None}
         info["default_prompt"] = self.config.caption_prompt

@@ -297,6 +297,64 @@ class CaptionContractTest(InProcessTestCase):
         error = assert_json_error(self, response, 400, "unreadable_part")
         self.assertIn("after part 1", error["message"])
 
+    def post_raw(self, body: bytes, boundary: str = "b") -> Any:
+        return self.client.post("/caption-images", data=body,
+                                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def test_file_parts_without_a_name_are_not_images_and_not_an_error(self) -> None:
+        png = new_png()
+        nameless = b'--b\r\nContent-Disposition: form-data; filename="a.png"\r\n\r\n' + png + b"\r\n"
+        other = b'--b\r\nContent-Disposition: form-data; name="x"; filename="b.png"\r\n\r\n' + png + b"\r\n"
+        error = assert_json_error(self, self.post_raw(nameless + other + b"--b--\r\n"), 400, "no_images")
+        self.assertIn("'x'", error["message"])
+        self.assertIn("a part with no name", error["message"])
+        image = b'--b\r\nContent-Disposition: form-data; name="images"; filename="c.png"\r\n\r\n' + png + b"\r\n"
+        response = self.post_raw(nameless + image + b"--b--\r\n")
+        self.assertEqual(response.status_code, 200, response.text[:500])
+        self.assertEqual([r["filename"] for r in response.json()["results"]], ["c.png"])
+
+    def test_part_headers_over_256_kib_are_431_and_shorter_names_are_echoed(self) -> None:
+        def part(name: bytes) -> bytes:
+            return (b'--b\r\nContent-Disposition: form-data; name="images"; filename="' + name + b'"\r\n\r\n'
+                    + new_png() + b"\r\n--b--\r\n")
+
+        long_name = "n" * (200 * 1024)
+        response = self.post_raw(part(long_name.encode()))
+        self.assertEqual(response.status_code, 200, response.text[:500])
+        self.assertEqual(response.json()["results"][0]["filename"], long_name)
+        for size in (257 * 1024, 8 * 1024 * 1024):  # just over, and far over (refused at the limit, not at the end)
+            with self.subTest(size=size):
+                error = assert_json_error(self, self.post_raw(part(b"n" * size)), 431, "headers_too_large")
+                self.assertIn("part 1", error["message"])
+
+    def test_a_bare_cr_or_lf_in_a_file_name_is_kept_when_it_is_the_only_header(self) -> None:
+        for name in ("a\rb\nc.png", "a\nContent-Type.png", "end\n.png"):
+            with self.subTest(name=name):
+                body = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="' + name.encode() + b'"'
+                        b"\r\n\r\n" + new_png() + b"\r\n--b--\r\n")
+                response = self.post_raw(body)
+                self.assertEqual(response.status_code, 200, response.text[:500])
+                self.assertEqual(response.json()["results"][0]["filename"], name)
+        # a client that ends its header lines with a bare LF still has them read as lines
+        body = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="lf.png"\nContent-Type: image/png'
+                b"\r\n\r\n" + new_png() + b"\r\n--b--\r\n")
+        self.assertEqual(self.post_raw(body).json()["results"][0]["filename"], "lf.png")
+
+    def test_head_on_reset_is_405_and_clears_nothing(self) -> None:
+        upload = [("keep.png", new_png())]
+        self.assertFalse(self.post(upload).json()["results"][0]["cached"])
+        response = self.client.request("HEAD", "/reset-redis")
+        self.assertEqual(response.status_code, 405)
+        self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")) & {"GET", "POST"},
+                         {"GET", "POST"})
+        self.assertTrue(self.post(upload).json()["results"][0]["cached"])
+
+    def test_readyz_names_the_cache_backend_when_the_cache_is_empty(self) -> None:
+        self.assertEqual(self.client.get("/reset-redis").status_code, 200)
+        ready = self.client.get("/readyz").json()
+        self.assertEqual(ready["cache"]["backend"], self.service.cache.backend)
+        self.assertIn(ready["cache"]["backend"], ("redis", "memory", "off"))
+
     def test_invented_methods_and_paths_add_no_metric_series(self) -> None:
         def series() -> int:
             return sum(len(family.samples) for family in self.service.metrics.registry.collect())
