@@ -149,14 +149,18 @@ def make_server(app: Any, config: Config) -> Any:
     )
     server.channel_class = ServingChannel
     server.draining = False
-    plain_maintenance = server.maintenance
 
     def maintenance(now: float) -> None:
-        plain_maintenance(now)  # closes connections idle for longer than IDLE_TIMEOUT_SECONDS
+        # waitress's own sweep closes every connection idle for IDLE_TIMEOUT_SECONDS, also one in the middle of
+        # a request, without a word; here the idle timeout closes keep-alive connections between requests, and a
+        # request that stalls gets its 408 at its deadline (headers, then body), as the README says.
+        cutoff = now - server.adj.channel_timeout
         monotonic = time.monotonic()
         for channel in list(server.active_channels.values()):
             if channel.overdue(monotonic):
                 channel.time_out()
+            elif channel.request is None and not channel.requests and channel.last_activity < cutoff:
+                channel.will_close = True
 
     server.maintenance = maintenance
     return server

@@ -53,6 +53,52 @@ def send(port: int, method: str, path: str, host: str, body: bytes = b"", header
         connection.close()
 
 
+# ----- a request that stalls gets its 408; an idle keep-alive connection is closed ---------------------------
+class StalledRequestTest(unittest.TestCase):
+    """IDLE_TIMEOUT_SECONDS shorter than the request deadlines: the idle timeout closes keep-alive connections
+    between requests, and a client that stops in the middle of its request gets 408 request_timeout at the
+    request's deadline instead of a silent close."""
+
+    def read_until_closed(self, sock: socket.socket, limit_s: float) -> bytes:
+        """Everything the server sends until it closes the connection; fails if it is still open after limit_s."""
+        sock.settimeout(limit_s)
+        data = b""
+        ended = time.monotonic() + limit_s
+        while time.monotonic() < ended:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except OSError:  # reset by the server: closed
+                return data
+            if not chunk:
+                return data
+            data += chunk
+        self.fail(f"the server kept the connection open for {limit_s} s; it sent {data[:300]!r}")
+
+    def test_stalled_headers_and_body_get_408_and_idle_keep_alive_is_closed(self) -> None:
+        server = blip_server(CACHE_BACKEND="memory", IDLE_TIMEOUT_SECONDS="1", HEADER_TIMEOUT_SECONDS="3",
+                             BODY_TIMEOUT_SECONDS="3").start()
+        self.addCleanup(server.stop)
+        head = (b"POST /caption-images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                b"boundary=x\r\nContent-Length: 100000\r\n")
+        stalls = {"in the headers": head, "in the body": head + b"\r\n--x\r\nContent-Disposition: form-data"}
+        for where, sent in stalls.items():
+            with self.subTest(stalled=where):
+                with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                    sock.sendall(sent)  # then nothing more
+                    answer = self.read_until_closed(sock, 20)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer[:300])
+                self.assertIn(b'"code": "request_timeout"', answer)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = self.read_until_closed(sock, 20)  # the answer, then the close once idle for 1 s
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:300])
+        self.assertEqual(answer.count(b"HTTP/1.1"), 1, answer)
+        self.assertIsNone(server.process.poll())
+        self.assertNotIn("Traceback", server.log())
+
+
 # ----- memory: large photos are decoded under a budget, and dropped once preprocessed --------------------------
 class LargePhotosTest(unittest.TestCase):
     """8 concurrent clients x 8 PNGs of exactly MAX_IMAGE_PIXELS (10000 x 5000), default settings."""
