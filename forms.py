@@ -51,9 +51,12 @@ def read_form(stream: IO[bytes], content_type: str, *, max_parts: int) -> Form:
     text, RequestTooLargeError (413) for more than `max_parts` parts or an oversize text field.
     """
     mimetype, options = parse_options_header(content_type)
-    boundary = options.get("boundary", "")
-    if mimetype != "multipart/form-data" or not boundary:
+    if mimetype != "multipart/form-data":
         return Form()
+    boundary = options.get("boundary", "")
+    if not boundary:
+        raise UnreadablePartError("the multipart/form-data body has no boundary in its Content-Type; send "
+                                  "'multipart/form-data; boundary=...' (curl -F and HTTP libraries do)")
     decoder = _LenientDecoder(boundary.encode("latin-1", "replace"), max_parts=max_parts)
     form, part, data, number = Form(), None, bytearray(), 0
     try:

@@ -340,6 +340,14 @@ class CaptionContractTest(InProcessTestCase):
                 b"\r\n\r\n" + new_png() + b"\r\n--b--\r\n")
         self.assertEqual(self.post_raw(body).json()["results"][0]["filename"], "lf.png")
 
+    def test_multipart_without_a_boundary_is_unreadable(self) -> None:
+        body = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + new_png()
+        for content_type in ("multipart/form-data", 'multipart/form-data; boundary=""', "multipart/form-data; x=1"):
+            with self.subTest(content_type=content_type):
+                response = self.client.post("/caption-images", data=body + b"\r\n--b--\r\n",
+                                            headers={"Content-Type": content_type})
+                self.assertIn("boundary", assert_json_error(self, response, 400, "unreadable_part")["message"])
+
     def test_head_on_reset_is_405_and_clears_nothing(self) -> None:
         upload = [("keep.png", new_png())]
         self.assertFalse(self.post(upload).json()["results"][0]["cached"])
