@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, NoReturn
 from urllib.parse import quote, unquote
 
 from werkzeug.datastructures import Headers
@@ -107,7 +107,7 @@ class _LenientDecoder(MultipartDecoder):
             self._refuse_headers()  # refused as soon as they pass the limit, not after all of them arrived
         return event
 
-    def _refuse_headers(self) -> None:
+    def _refuse_headers(self) -> NoReturn:
         raise HeadersTooLargeError(f"the headers of part {self._parts_decoded + 1} of the multipart body are over "
                                    f"{MAX_PART_HEADER_BYTES // 1024} KiB (a file name is at most that long)")
 
