@@ -278,12 +278,12 @@ def chat_completions() -> Response:
         error = answer.errors[0]
         error.param = error.param or "messages"
         raise error
-    result = answer.results[0]
-    captioner = service.captioner
-    new_tokens = captioner.count_tokens(result["caption"])
-    usage = {"prompt_tokens": captioner.input_tokens(ask.prompt, ask.system_prompt), "completion_tokens": new_tokens}
+    result, generated = answer.results[0], answer.values[0]
+    assert generated is not None  # a file without an error has its stored value
+    usage = {"prompt_tokens": service.captioner.input_tokens(ask.prompt, ask.system_prompt),
+             "completion_tokens": generated["new_tokens"]}
     done = openai_api.completion(service.model_info()["id"], result, usage,
-                                 "length" if new_tokens >= ask.params.max_new_tokens else "stop")
+                                 "stop" if generated["stopped"] else "length")
     if chat.stream:
         return Response(openai_api.stream_events(done, chat.include_usage), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache"})

@@ -3,8 +3,10 @@
 Keys are `<CACHE_PREFIX>:v<schema>:<fingerprint>:<sha256 of the image bytes>`. The fingerprint covers
 everything that changes the answer (model, revision, prompt, generation settings, tagger), so switching
 any of them never returns another configuration's caption. Every write sets the TTL. Values are results,
-`{"caption": str, "tags": [str, ...]}`; an entry read from Redis that is not one (written by something else,
-or damaged) reads as a miss, and the fresh answer overwrites it.
+`{"caption": str, "tags": [str, ...], "new_tokens": int, "stopped": bool}` (the last two: how many tokens the
+model generated, and whether it stopped on its own, for the OpenAI API's usage and finish_reason); an entry read
+from Redis that is not one (written by something else, an older version, or damaged) reads as a miss, and the
+fresh answer overwrites it.
 
 Each backend also keeps short claims (`<key>:lock`), the primitives of the cross-replica single-flight
 protocol in claims.py: only a cache shared between processes (`shared`) needs them.
@@ -388,9 +390,13 @@ def _loads(value: str | None) -> dict[str, Any] | None:
 
 
 def is_result(value: Any) -> bool:
-    """Whether a value has the shape of a stored result: a caption string and a list of tag strings."""
+    """Whether a value has the shape of a stored result: a caption string, a list of tag strings, the count of
+    tokens generated and whether generation stopped on its own (an entry of an older version lacks the last
+    two: it reads as a miss and is captioned again)."""
     return (isinstance(value, dict) and isinstance(value.get("caption"), str)
-            and isinstance(value.get("tags"), list) and all(isinstance(tag, str) for tag in value["tags"]))
+            and isinstance(value.get("tags"), list) and all(isinstance(tag, str) for tag in value["tags"])
+            and type(value.get("new_tokens")) is int and value["new_tokens"] >= 0
+            and isinstance(value.get("stopped"), bool))
 
 
 def _glob_escape(text: str) -> str:

@@ -237,13 +237,14 @@ class AssistantMessage(Body):
 class Choice(Body):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] = Field(description="length: the caption reached max_tokens.")
+    finish_reason: Literal["stop", "length"] = Field(description="length: the model ran into max_tokens; stop: it "
+                                                                 "ended the text itself.")
     logprobs: None = None
 
 
 class Usage(Body):
     prompt_tokens: int = Field(description="Input tokens: the prompt with its template and image tokens.")
-    completion_tokens: int = Field(description="Tokens of the caption (as the tokenizer splits it).")
+    completion_tokens: int = Field(description="Tokens the model generated (its end-of-text token included).")
     total_tokens: int
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Hashable, Sequence
 import allocator
 from batching import Batcher, Job
 from cache import Cache, cache_key, fingerprint, open_cache
-from captioners.base import GenerationParams, default_batch_size
+from captioners.base import Generated, GenerationParams, default_batch_size
 from claims import Claim, Claims
 from errors import CaptioningError, InvalidOptionError, InvalidPromptError, NotReadyError, ServiceError
 from images import ImageLimits, PixelBudget, check_size, declared_pixels, decode_image, sha256_hex
@@ -301,12 +301,14 @@ class CaptionService:
         return self.cache.clear()
 
     # ----- batcher callbacks (model thread, post-processing thread) ------------------------------------------
-    def _forward(self, inputs: list[Any], group: Hashable) -> list[str]:
+    def _forward(self, inputs: list[Any], group: Hashable) -> list[Generated]:
         assert isinstance(group, Ask)
         return self.captioner.generate(inputs, group.params)
 
-    def _postprocess(self, jobs: list[Job], captions: list[str]) -> list[dict[str, Any]]:
-        values = [{"caption": caption, "tags": tags} for caption, tags in zip(captions, self.tagger.tags_many(captions))]
+    def _postprocess(self, jobs: list[Job], generated: list[Generated]) -> list[dict[str, Any]]:
+        tags = self.tagger.tags_many([done.text for done in generated])
+        values = [{"caption": done.text, "tags": tags, "new_tokens": done.new_tokens, "stopped": done.stopped}
+                  for done, tags in zip(generated, tags)]
         self.cache.set_many({job.key: value for job, value in zip(jobs, values)})
         return values
 
@@ -353,6 +355,8 @@ class Answer:
     def __init__(self, uploads: Sequence[Upload], refused: dict[int, ServiceError] | None = None) -> None:
         self.uploads = uploads
         self.results: list[dict[str, Any]] = [{} for _ in uploads]
+        # The stored value of each captioned file: its result plus how it was generated (new_tokens, stopped)
+        self.values: list[dict[str, Any] | None] = [None] * len(uploads)
         self.errors: list[ServiceError | None] = [None] * len(uploads)
         self.digests: list[str | None] = [None] * len(uploads)  # SHA-256 of each file that was hashed
         self.keys: list[str | None] = [None] * len(uploads)  # and its cache key
@@ -381,6 +385,7 @@ class Answer:
                     upload = self.uploads[index]
                     self.results[index] = {"filename": upload.filename, "caption": value["caption"],
                                            "tags": value["tags"], "cached": cached}
+                    self.values[index] = value
 
     def settle(self, results: dict[str, "tuple[dict[str, Any], bool] | ServiceError"]) -> None:
         """Answer the files from Pending.results()."""

@@ -1,8 +1,8 @@
 """The Captioner interface and the transformers plumbing every family shares.
 
 A family module supplies only what differs: how a batch of images and a prompt become model inputs
-(`build_inputs`), and which output tokens are the caption (`decode`). Loading, device and dtype placement,
-and the `generate` call live here, once.
+(`build_inputs`), and where the new tokens start in generate's output (`new_tokens_start`). Loading, device and
+dtype placement, the `generate` call and decoding live here, once.
 """
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ class GenerationParams:
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
         return kwargs
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One caption of a generate call, with what the model did to produce it (the OpenAI API's usage)."""
+
+    text: str
+    new_tokens: int  # tokens the model generated for it, its end-of-text token included
+    stopped: bool  # it ended on an end-of-text token; False: it ran into max_new_tokens
 
 
 class Captioner(ABC):
@@ -174,7 +183,7 @@ class Captioner(ABC):
         with self._threadpools.limit(limits=1, user_api="openmp"):
             yield
 
-    def generate(self, items: Sequence["Prepared"], params: GenerationParams) -> list[str]:
+    def generate(self, items: Sequence["Prepared"], params: GenerationParams) -> list[Generated]:
         """Caption prepared items (all with the same prompt) in ONE generate call; one caption each, in order."""
         import torch
 
@@ -183,14 +192,17 @@ class Captioner(ABC):
         inputs = to_device(self.collate(items), self.device, self.torch_dtype)
         with torch.inference_mode():
             output_ids = self.model.generate(**inputs, **params.generate_kwargs())
-        captions = [text.strip() for text in self.decode(output_ids, inputs)]
-        if len(captions) != len(items):
-            raise CaptioningError(f"{self.spec.name} returned {len(captions)} captions for {len(items)} images")
-        return captions
+        new_ids = output_ids[:, self.new_tokens_start(inputs):]
+        texts = self.processor.batch_decode(new_ids, skip_special_tokens=True)
+        if len(texts) != len(items):
+            raise CaptioningError(f"{self.spec.name} returned {len(texts)} captions for {len(items)} images")
+        return [Generated(text.strip(), length, stopped)
+                for text, (length, stopped) in zip(texts, generated_lengths(new_ids, self.stop_token_ids))]
 
     def caption(self, images: Sequence["Image.Image"], prompt: str | None, params: GenerationParams) -> list[str]:
         """Caption all `images` in ONE generate call with the same prompt; one caption per image, in order."""
-        return self.generate([self.prepare(image, prompt, params) for image in images], params)
+        return [done.text for done in self.generate([self.prepare(image, prompt, params) for image in images],
+                                                    params)]
 
     def collate(self, items: Sequence["Prepared"]) -> Any:
         """One batch from per-image inputs: token rows padded as the tokenizer pads, image rows concatenated.
@@ -234,8 +246,15 @@ class Captioner(ABC):
                               padding=_padding(images))
 
     @abstractmethod
-    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
-        """The caption text of each row of `output_ids`: new tokens only, special tokens skipped."""
+    def new_tokens_start(self, inputs: Any) -> int:
+        """The column of generate's output where the new tokens start (what comes before is the prompt, as
+        the family's generate returns it); the caption is those tokens decoded, special tokens skipped."""
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """The end-of-text tokens generate stops on (the checkpoint's generation config)."""
+        eos = self.model.generation_config.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else eos or [])
 
     # ----- prompts ---------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str | None, params: GenerationParams, system_prompt: str | None = None) -> None:
@@ -267,10 +286,6 @@ class Captioner(ABC):
 
         inputs = self.build_inputs([Image.new("RGB", (32, 32))], self.effective_prompt(prompt), system_prompt)
         return inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a caption, as the tokenizer splits it (the usage count of the OpenAI-compatible API)."""
-        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _too_long_message(self, input_tokens: int, max_new_tokens: int) -> str:
         room = max(0, self.max_positions - max_new_tokens)
@@ -350,8 +365,8 @@ class ChatCaptioner(Captioner):
             processor_kwargs={"padding": _padding(images)},
         )
 
-    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
-        return self.processor.batch_decode(output_ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    def new_tokens_start(self, inputs: Any) -> int:
+        return inputs["input_ids"].shape[1]  # the output repeats the (left-padded) input ids
 
 
 def _padding(images: Sequence[Any]) -> bool:
@@ -364,6 +379,19 @@ def _padding(images: Sequence[Any]) -> bool:
 # (larger ones only add latency); on a GPU a batch costs little more than one image, so it takes many more.
 CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 64
+
+
+def generated_lengths(new_ids: "torch.Tensor", stop_token_ids: frozenset[int]) -> list[tuple[int, bool]]:
+    """(tokens generated, whether it stopped on an end-of-text token) of each row of generate's new tokens.
+
+    A row that stopped is padded after its end-of-text token up to the longest row; a row without one ran
+    until generate stopped it at max_new_tokens, and all its tokens are its own.
+    """
+    lengths = []
+    for row in new_ids.tolist():
+        end = next((column for column, token in enumerate(row) if token in stop_token_ids), None)
+        lengths.append((len(row), False) if end is None else (end + 1, True))
+    return lengths
 
 
 def default_batch_size(device: "torch.device | str | None") -> int:

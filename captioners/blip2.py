@@ -1,13 +1,10 @@
 """BLIP-2 with an OPT language model (Salesforce/blip2-opt-*): a prompt is text the LM continues."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from captioners.base import Captioner
 from errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 
 class Blip2Captioner(Captioner):
@@ -29,11 +26,9 @@ class Blip2Captioner(Captioner):
             )
         self.processor.tokenizer.padding_side = "left"  # OPT is decoder-only: new tokens must line up
 
-    def decode(self, output_ids: "torch.Tensor", inputs: Any) -> list[str]:
+    def new_tokens_start(self, inputs: Any) -> int:
         # With a prompt the output repeats the input ids; without one, generate() builds and returns
         # [<image>] * num_query_tokens + [bos] itself. Either way only what follows is the caption.
         if "input_ids" in inputs:
-            prompt_length = inputs["input_ids"].shape[1]
-        else:
-            prompt_length = self.model_config.num_query_tokens + 1
-        return self.processor.batch_decode(output_ids[:, prompt_length:], skip_special_tokens=True)
+            return inputs["input_ids"].shape[1]
+        return self.model_config.num_query_tokens + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from support.fakes import FakeCaptioner, FakeTagger
 from support.services import RedisServer, free_port, unique_prefix
 
 TIMEOUT = 0.25  # REDIS_TIMEOUT_SECONDS the service uses by default
-VALUE = {"caption": "a dog on a beach", "tags": ["dog", "beach", "dog_beach"]}
+VALUE = {"caption": "a dog on a beach", "tags": ["dog", "beach", "dog_beach"], "new_tokens": 6, "stopped": True}
 
 
 def redis_config(server: RedisServer | None, **changes: Any) -> Config:
@@ -178,7 +179,7 @@ class RedisCacheTest(unittest.TestCase):
 
     def test_round_trip_and_misses(self) -> None:
         keys = [self.key("a"), self.key("b"), self.key("missing")]
-        other = {"caption": "übergroße Größe 写真 😀", "tags": []}
+        other = {"caption": "übergroße Größe 写真 😀", "tags": [], "new_tokens": 30, "stopped": False}
         self.cache.set_many({keys[0]: VALUE, keys[1]: other})
         self.assertEqual(self.cache.get_many(keys), [VALUE, other, None])
         self.assertEqual(self.cache.get_many([]), [])
@@ -199,6 +200,17 @@ class RedisCacheTest(unittest.TestCase):
         self.raw.set(self.key("bad"), "not json{")
         self.raw.set(self.key("list"), "[1, 2]")
         self.assertEqual(self.cache.get_many([self.key("bad"), self.key("list")]), [None, None])
+
+    def test_entries_without_the_generation_counts_read_as_misses(self) -> None:
+        # Written by a version before new_tokens/stopped (the OpenAI API's usage needs them), or wrongly typed
+        entries = ['{"caption": "x", "tags": []}', '{"caption": "x", "tags": [], "new_tokens": 3}',
+                   '{"caption": "x", "tags": [], "new_tokens": true, "stopped": true}',
+                   '{"caption": "x", "tags": [], "new_tokens": -1, "stopped": true}',
+                   '{"caption": "x", "tags": [], "new_tokens": 3, "stopped": 1}']
+        keys = [self.key(f"old{index}") for index in range(len(entries))]
+        for key, entry in zip(keys, entries):
+            self.raw.set(key, entry)
+        self.assertEqual(self.cache.get_many(keys), [None] * len(entries))
 
     def test_clear_deletes_only_keys_under_the_prefix(self) -> None:
         mine = [self.key(str(i)) for i in range(5)]
@@ -338,10 +350,10 @@ class RedisOutageTest(unittest.TestCase):
         self.server.stop()
         self.assertEqual(self.cache.get_many(self.keys[:1]), [None])
         self.server.start()
-        self.server.client().set(self.keys[0], '{"caption": "x", "tags": []}')
+        self.server.client().set(self.keys[0], json.dumps(VALUE))
         self.assertEqual(self.cache.get_many(self.keys[:1]), [None])  # still inside the retry interval
         time.sleep(self.cache.retry_interval + 0.1)
-        self.assertEqual(self.cache.get_many(self.keys[:1]), [{"caption": "x", "tags": []}])
+        self.assertEqual(self.cache.get_many(self.keys[:1]), [VALUE])
 
 
 class MemoryCacheTest(unittest.TestCase):

@@ -19,13 +19,14 @@ from captioners.base import (
     cpu_flag_set,
     default_batch_size,
     fast_bfloat16,
+    generated_lengths,
     resolve_device,
     to_device,
 )
 from errors import ConfigError, InvalidPromptError, PromptTooLongError
 from support import tiny_models
 from support.families import FAMILIES, PROMPTS
-from support.tiny_models import reference_captions, sample_images, tiny_checkpoint
+from support.tiny_models import reference_captions, reference_generation, sample_images, tiny_checkpoint
 
 pytestmark = pytest.mark.inprocess
 
@@ -61,6 +62,20 @@ class FamilyAgreementTest(unittest.TestCase):
                     self.assertEqual(got, expected)
                     self.assertEqual(len(set(got)), 3, f"tiny {family} ignores its image: {got}")
 
+    def test_generated_token_counts_equal_direct_generate(self) -> None:
+        # max_new_tokens 4 and 12: captions that run into the limit and (where the tiny model ends one) stop
+        for family in FAMILIES:
+            for limit in (4, 12):
+                with self.subTest(family=family, max_new_tokens=limit):
+                    params = GenerationParams(max_new_tokens=limit)
+                    captioner = self.captioners[family]
+                    got = captioner.generate([captioner.prepare(image, PROMPTS[family], params)
+                                              for image in self.images], params)
+                    expected = [reference_generation(tiny_checkpoint(family), family, image, prompt=PROMPTS[family],
+                                                     max_new_tokens=limit, dtype=self.dtype)
+                                for image in self.images]
+                    self.assertEqual([(done.text, done.new_tokens, done.stopped) for done in got], expected)
+
     def test_batch_item_equals_single_image(self) -> None:
         for family in FAMILIES:
             with self.subTest(family=family):
@@ -86,7 +101,7 @@ class FamilyAgreementTest(unittest.TestCase):
                 captioner = self.captioners[family]
                 with ThreadPoolExecutor(6) as pool:
                     prepared = list(pool.map(lambda im: captioner.prepare(im, PROMPTS[family], PARAMS), images))
-                self.assertEqual(captioner.generate(prepared, PARAMS),
+                self.assertEqual([done.text for done in captioner.generate(prepared, PARAMS)],
                                  reference_captions(tiny_checkpoint(family), family, images, prompt=PROMPTS[family],
                                                     max_new_tokens=12, dtype=self.dtype))
 
@@ -219,6 +234,16 @@ class StartupChecksTest(unittest.TestCase):
         self.assertEqual(default_batch_size("mps"), CPU_BATCH_SIZE)
         self.assertEqual(default_batch_size(torch.device("cuda", 1)), GPU_BATCH_SIZE)
         self.assertGreater(GPU_BATCH_SIZE, CPU_BATCH_SIZE)
+
+    def test_generated_lengths_end_at_the_first_stop_token(self) -> None:
+        import torch
+
+        # A batch's rows: stopped at once, stopped mid-way then padded (pad 0), ran to the limit, a stop token
+        # (of two) at the last column, and an ordinary token equal to the pad id before the stop.
+        new_ids = torch.tensor([[102, 0, 0, 0], [5, 6, 102, 0], [5, 6, 7, 8], [5, 6, 7, 9], [0, 5, 102, 0]])
+        self.assertEqual(generated_lengths(new_ids, frozenset({102, 9})),
+                         [(1, True), (3, True), (4, False), (4, True), (3, True)])
+        self.assertEqual(generated_lengths(new_ids[:, :0], frozenset({102})), [(0, False)] * 5)
 
     def test_to_device_casts_pixels_only(self) -> None:
         import torch

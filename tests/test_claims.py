@@ -17,7 +17,7 @@ from config import Config
 from support.live import shared_redis
 from support.services import unique_prefix
 
-VALUE = {"caption": "a dog on a beach", "tags": ["dog", "beach", "dog_beach"]}
+VALUE = {"caption": "a dog on a beach", "tags": ["dog", "beach", "dog_beach"], "new_tokens": 6, "stopped": True}
 
 
 class ClaimsContract:

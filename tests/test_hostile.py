@@ -221,7 +221,10 @@ class HostileRequestsTest(LiveServerTestCase):
         png = new_png()
         first = post(self.server.url, [("a.png", png)]).json()["results"][0]
         key = self.key_of(hashlib.sha256(png).hexdigest())
+        stored = json.loads(self.redis.client().get(key))
+        self.assertEqual((stored["caption"], stored["tags"]), (first["caption"], first["tags"]))
         for bad in ('{"foo": 1}', '{"caption": "x"}', '{"caption": 5, "tags": "x"}', '{"caption": "x", "tags": [1]}',
+                    '{"caption": "x", "tags": []}', '{"caption": "x", "tags": [], "new_tokens": "3", "stopped": true}',
                     '[1, 2]', '"text"', "not json{"):
             with self.subTest(bad=bad):
                 self.redis.client().set(key, bad, ex=600)
@@ -230,7 +233,7 @@ class HostileRequestsTest(LiveServerTestCase):
                 result = response.json()["results"][0]
                 self.assertEqual((result["caption"], result["tags"], result["cached"]),
                                  (first["caption"], first["tags"], False))
-                self.assertEqual(json.loads(self.redis.client().get(key)), {"caption": first["caption"], "tags": first["tags"]})
+                self.assertEqual(json.loads(self.redis.client().get(key)), stored)
                 self.assertIs(post(self.server.url, [("a.png", png)]).json()["results"][0]["cached"], True)
         self.assertNotIn("Traceback", self.server.log())
 

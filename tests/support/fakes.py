@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
+from captioners.base import Generated
 from errors import InvalidPromptError
 
 
@@ -50,14 +51,15 @@ class FakeCaptioner:
         colour = image.convert("RGB").resize((1, 1)).getpixel((0, 0))
         return {"colour": colour, "prompt": prompt}
 
-    def generate(self, items: Sequence[dict[str, Any]], params: Any) -> list[str]:
+    def generate(self, items: Sequence[dict[str, Any]], params: Any) -> list[Generated]:
         with self._lock:
             self.images += len(items)
             self.calls.append((len(items), params))
-        return ["a red square" if item["colour"][0] > 128 else "a dark square" for item in items]
+        texts = ["a red square" if item["colour"][0] > 128 else "a dark square" for item in items]
+        return [Generated(text, len(text.split()) + 1, True) for text in texts]
 
     def caption(self, images: Sequence[Any], prompt: str | None, params: Any) -> list[str]:
-        return self.generate([self.prepare(image, prompt, params) for image in images], params)
+        return [done.text for done in self.generate([self.prepare(image, prompt, params) for image in images], params)]
 
 
 class FakeTagger:
