@@ -24,6 +24,22 @@ _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-mode
                                    initializer=allocator.keep_freed_memory)
 
 
+def only_the_model_thread_has_a_team() -> None:
+    """Run PyTorch single-threaded on the calling thread (the benchmark's main thread) from now on.
+
+    GNU OpenMP gives each thread that runs a parallel op its own team for the thread's life, and with more OpenMP
+    threads than cores it stops spinning between parallel regions. The main thread builds and loads checkpoints
+    and counts FLOPs; with its team beside the model thread's, every bare call on the model thread ran 20-30%
+    slower on a 2-core AMX Xeon (bfloat16, 8 images: 2.5-2.8 s against 1.9-2.0 s; bench/README.md), and the
+    service, whose other threads run single-threaded (Captioner.prepare), looked faster than the bare call.
+    Call it first thing, before the thread's first parallel op.
+    """
+    from threadpoolctl import ThreadpoolController
+
+    torch.get_num_threads()  # PyTorch sets a thread's OpenMP count on its first op there: now, not after the limit
+    ThreadpoolController().limit(limits=1, user_api="openmp")  # not undone: for the thread's life
+
+
 def on_model_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `fn` on the benchmark's model thread and wait for it."""
     return _MODEL_THREAD.submit(fn, *args, **kwargs).result()

@@ -73,7 +73,9 @@ def main() -> int:
 
     import checkpoint
     import workload
-    from inprocess import DirectCaptioner
+    from inprocess import DirectCaptioner, on_model_thread, only_the_model_thread_has_a_team
+
+    only_the_model_thread_has_a_team()
 
     folder = (checkpoint.tiny_checkpoint() if args.tiny else checkpoint.full_checkpoint())[0]
     images = workload.decoded(workload.photos(args.images))  # the benchmark's ~100 KB JPEGs, decoded
@@ -91,7 +93,7 @@ def main() -> int:
         whole[name] = self_seconds(lambda direct=direct: direct._caption(images))
         direct.close()
     print(f"# Self time by operator (s): {args.images} images, 20 new tokens, torch threads "
-          f"{torch.get_num_threads()}; {allocator.describe()}\n")
+          f"{on_model_thread(torch.get_num_threads)} (the model thread's); {allocator.describe()}\n")
     print(table("vision encoder (model.vision_model)", vision, args.top))
     print(table("whole caption (processor + generate + decode)", whole, args.top))
     return 0

@@ -888,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    from inprocess import only_the_model_thread_has_a_team
+
+    only_the_model_thread_has_a_team()  # the timed calls run on the model thread, with the only OpenMP team
     logging.basicConfig(level=logging.INFO, format="[bench %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     check_device(args.device)
     out_dir = args.out
