@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -215,14 +216,20 @@ def _check_count(count: int, limit: int) -> None:
         raise TooManyFilesError(f"{count} images sent; at most {limit} per request (MAX_FILES_PER_REQUEST)")
 
 
+# A form field's whole number: ASCII digits only (int() would also take "１０" and "1_0"); no length limit here,
+# as a JSON number has none: the bounds (service.ask) refuse what is out of range
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+
 def _form_int(fields: dict[str, str], name: str) -> int | None:
     text = (fields.get(name) or "").strip()
     if not text:
         return None
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidOptionError(f"{name} must be a whole number, not {text[:40]!r}", param=name) from None
+    if not _WHOLE_NUMBER.fullmatch(text):
+        raise InvalidOptionError(f"{name} must be a whole number (digits 0-9), not {text[:40]!r}", param=name)
+    sign, digits = (-1 if text[0] == "-" else 1), text.lstrip("+-").lstrip("0") or "0"
+    # int() refuses more than 4300 digits; anything past 18 is out of every bound, and says so as such
+    return sign * int(digits if len(digits) <= 18 else "9" * 19)
 
 
 def _ask(service: CaptionService, prompt: str | None, *, system_prompt: str | None = None,

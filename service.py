@@ -189,10 +189,10 @@ class CaptionService:
         limit, beams = self.config.max_new_tokens, self.config.max_num_beams
         if max_new_tokens is not None and not 1 <= max_new_tokens <= limit:
             raise InvalidOptionError(f"max_new_tokens must be between 1 and {limit} (this server's "
-                                     f"MAX_NEW_TOKENS), not {max_new_tokens}", param="max_new_tokens")
+                                     f"MAX_NEW_TOKENS), not {_shown(max_new_tokens)}", param="max_new_tokens")
         if num_beams is not None and not 1 <= num_beams <= beams:
             raise InvalidOptionError(f"num_beams must be between 1 and {beams} (this server's MAX_NUM_BEAMS), not "
-                                     f"{num_beams}", param="num_beams")
+                                     f"{_shown(num_beams)}", param="num_beams")
         params = self.params
         if max_new_tokens is not None or num_beams is not None:
             new = max_new_tokens if max_new_tokens is not None else params.max_new_tokens
@@ -311,6 +311,13 @@ class CaptionService:
                   for done, tags in zip(generated, tags)]
         self.cache.set_many({job.key: value for job, value in zip(jobs, values)})
         return values
+
+
+def _shown(number: int) -> str:
+    """A client's number in a message: itself, or how far out of range it is (a JSON number has no length limit)."""
+    if -10**18 < number < 10**18:
+        return str(number)
+    return f"a {'negative ' if number < 0 else ''}number of over 18 digits"
 
 
 class Pending:

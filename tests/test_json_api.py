@@ -209,6 +209,26 @@ class TestOptions(JsonServer):
         bad = self.server.session.post(self.server.url + "/caption-images", files=[("images", ("x.png", png(12)))],
                                        data={"max_new_tokens": "five"}, timeout=60)
         assert_json_error(self, bad, 400, "invalid_option")
+        # Whole numbers in ASCII digits only; numbers of any length are out of range, with a short message
+        for text in ("１０", "1_0", "1e3", "0x10", " 5 5"):
+            with self.subTest(form=text):
+                bad = self.server.session.post(self.server.url + "/caption-images", timeout=60,
+                                               files=[("images", ("x.png", png(12)))], data={"max_new_tokens": text})
+                self.assertIn("whole number", assert_json_error(self, bad, 400, "invalid_option")["message"])
+        for huge in ("9" * 5000, "-" + "9" * 30, "0" * 40 + "9" * 19):
+            with self.subTest(form=huge[:12]):
+                bad = self.server.session.post(self.server.url + "/caption-images", timeout=60,
+                                               files=[("images", ("x.png", png(12)))], data={"max_new_tokens": huge})
+                message = assert_json_error(self, bad, 400, "invalid_option")["message"]
+                self.assertIn(f"between 1 and {MAX_NEW_TOKENS}", message)
+                self.assertIn("number of over 18 digits", message)
+        error = assert_json_error(self, self.post_json({"images": [image], "num_beams": 10 ** 40}), 400,
+                                  "invalid_option")
+        self.assertIn("between 1 and 3", error["message"])
+        self.assertLess(len(error["message"]), 200)
+        leading = self.server.session.post(self.server.url + "/caption-images", timeout=60,
+                                           files=[("images", ("x.png", png(12)))], data={"max_new_tokens": "+0003"})
+        self.assertEqual(leading.status_code, 200, leading.text)
         for body in ({"images": [image], "max_new_tokens": "5"}, {"images": []}, {"images": [{}]}, {"prompt": "x"},
                      {"images": [image], "colour": "red"}):
             with self.subTest(body=body):
