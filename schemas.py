@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from captioners import FAMILIES
 from errors import HttpError, description, error_classes
@@ -223,7 +223,7 @@ class ChatCompletionRequest(OpenAIBody):
     max_tokens: Optional[StrictInt] = Field(None, description="As max_new_tokens (1 to MAX_NEW_TOKENS).")
     max_completion_tokens: Optional[StrictInt] = Field(None, description="The same; wins over max_tokens.")
     n: Optional[StrictInt] = Field(None, description="1 only.")
-    temperature: Optional[float] = Field(None, description="0 or absent: decoding is greedy.")
+    temperature: Optional[StrictFloat] = Field(None, description="0 or absent: decoding is greedy.")
     stream: Optional[StrictBool] = Field(None, description="Answer as server-sent events ending `data: [DONE]`.")
     stream_options: Optional[StreamOptions] = None
 

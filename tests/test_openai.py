@@ -111,6 +111,8 @@ class OpenAIChecks:
     def test_bad_requests_raise_bad_request_error(self) -> None:
         cases = {
             "temperature": dict(messages=user_turn(self.image), temperature=0.7),
+            "temperature as a string": dict(messages=user_turn(self.image), temperature="0"),
+            "temperature as a boolean": dict(messages=user_turn(self.image), temperature=False),
             "n": dict(messages=user_turn(self.image), n=2),
             "max_tokens": dict(messages=user_turn(self.image), max_tokens=MAX_NEW_TOKENS + 1),
             "no image": dict(messages=[{"role": "user", "content": "describe it"}]),
@@ -128,6 +130,11 @@ class OpenAIChecks:
                 self.assertTrue(body["message"], body)
                 self.assertIn(body["type"], ("invalid_request_error",))
                 self.assertTrue(body["code"], body)
+        greedy = self.client.chat.completions.create(model=self.model_id, messages=user_turn(self.image))
+        for temperature in (0, 0.0):  # a JSON number 0, either way, is greedy decoding: the same caption
+            completion = self.client.chat.completions.create(model=self.model_id, messages=user_turn(self.image),
+                                                             temperature=temperature)
+            self.assertEqual(completion.choices[0].message.content, greedy.choices[0].message.content)
 
     def test_system_message(self) -> None:
         messages = [{"role": "system", "content": "Answer in five words."}, *user_turn(self.image, self.prompt)]
