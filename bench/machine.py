@@ -7,9 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 # Extensions that decide how fast float32 / bfloat16 / int8 matrix work runs on an x86 CPU.
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -61,15 +60,11 @@ def bf16_note(flags: dict[str, bool]) -> str:
     return "no AMX-BF16 and no AVX512-BF16: this CPU has no fast bfloat16, so bf16 matmuls are emulated"
 
 
-def _new_thread(fn: Callable[[], Any]) -> Any:
-    """What `fn` returns on a new thread (PyTorch's per-thread settings start from the process's defaults)."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
-
-
 def machine() -> dict[str, Any]:
     """Processor, cores, flags, memory, hypervisor, kernel and load."""
     import torch
+
+    from inprocess import on_model_thread
 
     info = _cpuinfo()
     flags_present = set(info.get("flags", "").split())
@@ -83,8 +78,8 @@ def machine() -> dict[str, Any]:
         "cpu_family_model_stepping": "/".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
         "cores_online": os.cpu_count(), "cores_usable": usable, "hypervisor": "hypervisor" in flags_present,
         "flags": flags, "bf16": bf16_note(flags), "ram_gib": _meminfo_gib(),
-        # a new thread's count (the model thread's): the benchmark's main thread runs PyTorch single-threaded
-        "kernel": platform.release(), "torch_threads": _new_thread(torch.get_num_threads),
+        # the model thread's count: the benchmark's main thread runs PyTorch single-threaded
+        "kernel": platform.release(), "torch_threads": on_model_thread(torch.get_num_threads),
         "torch_cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
         "load_average": load_average(),
     }
