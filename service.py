@@ -306,9 +306,9 @@ class CaptionService:
         return self.captioner.generate(inputs, group.params)
 
     def _postprocess(self, jobs: list[Job], generated: list[Generated]) -> list[dict[str, Any]]:
-        tags = self.tagger.tags_many([done.text for done in generated])
+        tag_lists = self.tagger.tags_many([done.text for done in generated])
         values = [{"caption": done.text, "tags": tags, "new_tokens": done.new_tokens, "stopped": done.stopped}
-                  for done, tags in zip(generated, tags)]
+                  for done, tags in zip(generated, tag_lists)]
         self.cache.set_many({job.key: value for job, value in zip(jobs, values)})
         return values
 

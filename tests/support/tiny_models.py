@@ -544,14 +544,34 @@ def _chat(image, prompt, system_prompt):
 
 
 def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, system_prompt=None, num_beams=1,
-                       dtype="float32", count=False) -> list[str]:
+                       dtype="float32") -> list[str]:
     """Caption ``images`` with a direct transformers call: one batched, greedy ``generate`` (float32, CPU), decoding
     only the newly generated tokens with ``skip_special_tokens=True`` and stripping whitespace. ``num_beams`` > 1:
-    beam search (still deterministic); ``dtype``: the weights' dtype (pixel values are cast to it); ``count``:
-    see ``reference_generation``.
+    beam search (still deterministic); ``dtype``: the weights' dtype (pixel values are cast to it).
 
     ``prompt`` None means unconditional captioning (BLIP / BLIP-2) or ``DEFAULT_CHAT_INSTRUCTION`` (chat families).
     ``system_prompt`` is used by the chat families only (gemma, intern_vlm)."""
+    processor, start, (out,) = _direct_generate(folder, family, images, prompt, system_prompt, num_beams, dtype,
+                                                (max_new_tokens,))
+    return [text.strip() for text in processor.batch_decode(out[:, start:], skip_special_tokens=True)]
+
+
+def reference_generation(folder, family, image, prompt=None, max_new_tokens=12, system_prompt=None,
+                         dtype="float32") -> tuple[str, int, bool]:
+    """One image through a direct ``generate`` (as ``reference_captions``): its caption, the number of tokens
+    generated (end-of-text included) and whether it stopped before ``max_new_tokens`` ran out (found by running
+    again with a higher limit, without asking which tokens end the text)."""
+    processor, start, (out, longer) = _direct_generate(folder, family, [image], prompt, system_prompt, 1, dtype,
+                                                       (max_new_tokens, max_new_tokens + 8))
+    text = processor.batch_decode(out[:, start:], skip_special_tokens=True)[0].strip()
+    # One image: its row is all its own (no padding after an early stop). Greedy decoding continues the same way
+    # with a higher limit, so the caption stopped on its own exactly when the longer run gives the same tokens.
+    return text, out.shape[1] - start, longer.shape[1] == out.shape[1]
+
+
+def _direct_generate(folder, family, images, prompt, system_prompt, num_beams, dtype, limits):
+    """(processor, the column where the new tokens start, one ``generate`` output per max_new_tokens in
+    ``limits``) of the checkpoint at ``folder`` run directly on ``images``."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -562,7 +582,6 @@ def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, s
     processor = AutoProcessor.from_pretrained(folder)
     torch_dtype = getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype).to("cpu").eval()
-    gen = dict(do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
     if family == "blip":
         if prompt is None:
@@ -591,24 +610,9 @@ def reference_captions(folder, family, images, prompt=None, max_new_tokens=12, s
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     with torch.inference_mode():
-        out = model.generate(**inputs, **gen)
-        if count:  # one image: its row is all its own (no padding after an early stop)
-            longer = model.generate(**inputs, **{**gen, "max_new_tokens": max_new_tokens + 8})
-    texts = [text.strip() for text in processor.batch_decode(out[:, start:], skip_special_tokens=True)]
-    if count:
-        # Greedy decoding continues the same way with a higher limit: the caption stopped on its own exactly
-        # when the longer run gives the same tokens.
-        return texts[0], out.shape[1] - start, longer.shape[1] == out.shape[1]
-    return texts
-
-
-def reference_generation(folder, family, image, prompt=None, max_new_tokens=12, system_prompt=None,
-                         dtype="float32") -> tuple[str, int, bool]:
-    """One image through a direct ``generate`` (as ``reference_captions``): its caption, the number of tokens
-    generated (end-of-text included) and whether it stopped before ``max_new_tokens`` ran out (found by running
-    again with a higher limit, without asking which tokens end the text)."""
-    return reference_captions(folder, family, [image], prompt=prompt, max_new_tokens=max_new_tokens,
-                              system_prompt=system_prompt, dtype=dtype, count=True)
+        outputs = [model.generate(**inputs, do_sample=False, num_beams=num_beams, max_new_tokens=limit)
+                   for limit in limits]
+    return processor, start, outputs
 
 
 if __name__ == "__main__":  # `python tests/support/tiny_models.py [FAMILY]`: build (once) and print the folder
